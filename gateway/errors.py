@@ -2,7 +2,8 @@
 
     GatewayError                 .status, .reason (a stable code of SPEC §3), .detail
     ├── BadRequest          400  bad-path, bad-host, bad-request-id, websocket-not-allowed
-    ├── NotFound            404  no-route
+    ├── NotFound            404  no-route, no-endpoint
+    ├── MethodNotAllowed    405  method-not-allowed
     ├── MisdirectedRequest  421  bad-host (a Host we do not serve, or an absolute-form target)
     ├── BadGateway          502  upstream-unreachable, upstream-tls, upstream-error
     └── GatewayTimeout      504  upstream-timeout
@@ -33,6 +34,11 @@ class BadRequest(GatewayError):
 class NotFound(GatewayError):
     status = 404
     reason = "no-route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    reason = "method-not-allowed"
 
 
 class MisdirectedRequest(GatewayError):

@@ -1,0 +1,1 @@
+"""The gateway's own endpoints under /.gateway/ (SPEC §12)."""

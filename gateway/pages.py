@@ -1,0 +1,76 @@
+"""What a person or a client sees when the gateway answers itself (SPEC §12).
+
+Browsers get an HTML page (jinja2, autoescape on), everything else JSON; both
+carry the request id and the stable reason code, never a traceback.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import jinja2
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError
+
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("gateway", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+# SPEC §12: pages cannot be framed, sniffed or leak the URL onward.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def wants_html(request: web.BaseRequest) -> bool:
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def error_response(
+    request: web.BaseRequest, error: GatewayError, request_id: str, secure: bool
+) -> web.Response:
+    headers = {**PAGE_HEADERS, "X-Request-Id": request_id}
+    if secure:
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+    if wants_html(request):
+        body = _templates.get_template("error.html").render(
+            status=error.status,
+            title=HTTPStatus(error.status).phrase,
+            detail=error.detail,
+            reason=error.reason,
+            request_id=request_id,
+        )
+        return web.Response(
+            status=error.status, text=body, content_type="text/html", headers=headers
+        )
+    payload = {
+        "status": error.status,
+        "reason": error.reason,
+        "detail": error.detail,
+        "request_id": request_id,
+    }
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def json_response(payload: object, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+    )

@@ -1,0 +1,402 @@
+"""Forwarding to upstreams (SPEC §4.6): headers, streaming bodies, WebSockets, timeouts.
+
+One shared `ClientSession` serves every route: a connection pool per upstream
+host, no cookie jar (a shared jar would replay one user's upstream cookies on
+another user's request), no redirects followed, no decompression. Bodies are
+streamed chunk by chunk both ways, so a 1 GiB transfer never sits in memory.
+The upstream URL is built already encoded, so the upstream receives exactly
+the canonical path that routing (and later policy) saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.addresses import Addresses
+from gateway.errors import BadGateway, BadRequest, GatewayTimeout
+from gateway.paths import Target, segment_count, strip_segments
+
+log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# SECURITY: identity and routing headers a client could forge (SPEC §7), removed in every
+# spelling ('_' for '-', any case), plus the ones the gateway sets itself.
+_FORGEABLE = frozenset(
+    {
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "remote-user",
+        "remote-groups",
+        "remote-email",
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-forwarded-uri",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "host",
+        "expect",  # answered by the gateway itself; an upstream that never sends 100 would stall
+    }
+)
+_FORGEABLE_PREFIXES = ("x-auth-request-", "x-gateway-")
+_WS_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+    }
+)
+_CHUNK = 64 * 1024
+
+
+class RouteUpstream(Protocol):
+    """The parts of a configured route the proxy needs (settings.Route has them)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def strip_prefix(self) -> bool: ...
+    @property
+    def websocket(self) -> bool: ...
+    @property
+    def timeout(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A route's upstream, compiled once per config load."""
+
+    route_id: str
+    base: str  # scheme://host:port[/base-path], no trailing slash
+    strip: int  # leading path segments removed (strip_prefix)
+    ssl: ssl.SSLContext | None  # None for http://
+    server_name: str | None
+    timeout: aiohttp.ClientTimeout
+    websocket: bool
+
+    def url(self, target: Target) -> URL:
+        path = strip_segments(target.path, self.strip)
+        query = "?" + target.query if target.query else ""
+        # SECURITY: encoded=True: no URL library may re-normalize the path the policy saw.
+        return URL(self.base + path + query, encoded=True)
+
+
+def compile_upstream(
+    route: RouteUpstream, base: str, tls: ssl.SSLContext | None, server_name: str | None
+) -> Upstream:
+    return Upstream(
+        route_id=route.id,
+        base=base.rstrip("/"),
+        strip=segment_count(route.path) if route.strip_prefix else 0,
+        ssl=tls,
+        server_name=server_name,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=route.timeout, sock_read=route.timeout
+        ),
+        websocket=route.websocket,
+    )
+
+
+def upstream_tls_context(
+    ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext:
+    """Verified TLS to an upstream: system CAs or `ca_file`, a client certificate for mTLS."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Everything the proxy needs to know about one request, decided by earlier stages."""
+
+    upstream: Upstream
+    target: Target
+    host: str  # the matched (normalized) host
+    addresses: Addresses
+    request_id: str
+
+
+class Proxy:
+    def __init__(self, scheme: str) -> None:
+        self._scheme = scheme  # of our own listener: X-Forwarded-Proto
+        self._client: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._client = aiohttp.ClientSession(
+            # SECURITY: no cookie jar: one user's upstream cookies must never reach another user.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=10),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def forward(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            if not fwd.upstream.websocket:
+                raise BadRequest(
+                    "WebSockets are not enabled on this route", reason="websocket-not-allowed"
+                )
+            return await self._websocket(request, fwd)
+        return await self._http(request, fwd)
+
+    async def _http(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+        assert self._client is not None
+        up = fwd.upstream
+        try:
+            upstream = await self._client.request(
+                request.method,
+                up.url(fwd.target),
+                headers=self._request_headers(request, fwd),
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+                timeout=up.timeout,
+                ssl=up.ssl if up.ssl is not None else True,
+                server_hostname=up.server_name,
+                compress=None,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_error(exc, fwd) from None
+        try:
+            return await self._relay(request, upstream, fwd)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: Forward
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=_response_headers(upstream.headers, fwd.request_id),
+        )
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await response.write(chunk)
+        except ConnectionResetError:
+            pass  # the client went away; releasing the upstream response closes that side too
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "route %s: upstream broke off the response body: %r",
+                fwd.upstream.route_id,
+                exc,
+                extra={"request_id": fwd.request_id},
+            )
+            # SECURITY: never end a truncated body cleanly (a final chunk would make it look whole).
+            if request.transport is not None:
+                request.transport.abort()
+        return response
+
+    def _request_headers(self, request: web.Request, fwd: Forward) -> CIMultiDict[str]:
+        named = _connection_tokens(request.headers)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            key = name.lower()
+            if key in HOP_BY_HOP or key in named or _forgeable(key):
+                continue
+            headers.add(name, value)
+        # Set after filtering: a client naming these in Connection cannot remove them.
+        headers["X-Forwarded-For"] = fwd.addresses.forwarded_for
+        headers["X-Forwarded-Proto"] = self._proto(request, fwd)
+        headers["X-Forwarded-Host"] = fwd.host
+        headers["X-Request-Id"] = fwd.request_id
+        return headers
+
+    def _proto(self, request: web.Request, fwd: Forward) -> str:
+        if fwd.addresses.peer_trusted:
+            claimed = request.headers.get("X-Forwarded-Proto", "").lower()
+            if claimed in ("http", "https"):
+                return claimed
+        return self._scheme
+
+    async def _websocket(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+        assert self._client is not None
+        up = fwd.upstream
+        headers = self._request_headers(request, fwd)
+        for name in _WS_HANDSHAKE:
+            headers.popall(name, None)
+        protocols = [
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+        ]
+        try:
+            upstream = await self._client.ws_connect(
+                up.url(fwd.target),
+                headers=headers,
+                protocols=[p for p in protocols if p],
+                autoclose=False,
+                autoping=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                ssl=up.ssl if up.ssl is not None else True,
+                server_hostname=up.server_name,
+                max_msg_size=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise BadGateway(
+                f"the upstream refused the WebSocket handshake ({exc.status})",
+                reason="upstream-error",
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_error(exc, fwd) from None
+        client = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (),
+            autoclose=False,
+            autoping=False,
+            compress=False,
+            max_msg_size=0,
+        )
+        client.headers["X-Request-Id"] = fwd.request_id
+        try:
+            await client.prepare(request)
+            await relay_websocket(client, upstream)
+        finally:
+            await upstream.close()
+        return client
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def relay_websocket(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    """Relay frames both ways until either side closes; the close code crosses over."""
+    finished = asyncio.Event()
+
+    async def pump(source: WebSocket, sink: WebSocket) -> None:
+        try:
+            await _pump(source, sink)
+        except (ConnectionError, aiohttp.ClientError):
+            pass  # one side vanished: the relay ends and closes the other
+        finally:
+            finished.set()
+
+    async with asyncio.TaskGroup() as group:
+        pumps = [
+            group.create_task(pump(client, upstream), name="websocket client->upstream"),
+            group.create_task(pump(upstream, client), name="websocket upstream->client"),
+        ]
+        await finished.wait()
+        for task in pumps:
+            task.cancel()
+    await client.close()
+
+
+async def _pump(source: WebSocket, sink: WebSocket) -> None:
+    while True:  # not `async for`: it swallows the CLOSE message and its code
+        message = await source.receive()
+        kind = message.type
+        if kind is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif kind is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif kind is WSMsgType.PING:
+            await sink.ping(message.data)
+        elif kind is WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif kind is WSMsgType.CLOSE:
+            await source.close()
+            await sink.close(code=_close_code(message.data), message=(message.extra or "").encode())
+            return
+        else:
+            return  # CLOSED / ERROR: the relay ends and closes both sides
+
+
+def _close_code(code: object) -> int:
+    """A close code that may be sent on (1005/1006 only ever describe a close, never travel)."""
+    if isinstance(code, int) and (1000 <= code <= 1014 or 3000 <= code <= 4999):
+        return code if code not in (1004, 1005, 1006) else 1000
+    return 1000
+
+
+def _response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    named = _connection_tokens(upstream)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        key = name.lower()
+        if key not in HOP_BY_HOP and key not in named:
+            headers.add(name, value)
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    return (
+        frozenset(t.strip().lower() for v in values for t in v.split(","))
+        if values
+        else frozenset()
+    )
+
+
+def _forgeable(key: str) -> bool:
+    key = key.replace("_", "-")
+    return key in _FORGEABLE or key.startswith(_FORGEABLE_PREFIXES)
+
+
+def _upstream_error(exc: BaseException, fwd: Forward) -> Exception:
+    route, extra = fwd.upstream.route_id, {"request_id": fwd.request_id}
+    if isinstance(exc, aiohttp.ClientSSLError):
+        log.warning(
+            "route %s: TLS to upstream %s failed: %s (an internal CA goes in upstream_tls.ca_file)",
+            route,
+            fwd.upstream.base,
+            exc,
+            extra=extra,
+        )
+        return BadGateway("the upstream's TLS certificate was not accepted", reason="upstream-tls")
+    if isinstance(exc, TimeoutError):
+        log.warning("route %s: upstream %s timed out", route, fwd.upstream.base, extra=extra)
+        return GatewayTimeout("the upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        log.warning(
+            "route %s: upstream %s unreachable: %s",
+            route,
+            fwd.upstream.base,
+            exc.os_error,
+            extra=extra,
+        )
+        return BadGateway("the upstream could not be reached")
+    log.warning("route %s: upstream %s failed: %r", route, fwd.upstream.base, exc, extra=extra)
+    return BadGateway("the upstream failed to answer", reason="upstream-error")

@@ -1,0 +1,176 @@
+"""Shared test parts: real servers on loopback, a real gateway, raw HTTP for raw request lines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.settings import load_settings
+
+IN_CI = os.environ.get("CI") == "true"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    runner: web.BaseRunner
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_server(app: web.Application, host: str = "127.0.0.1", **site: Any) -> Server:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, host, 0, **site)
+    await tcp.start()
+    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Server(runner, port)
+
+
+def gateway_config(routes: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    """A config for a gateway on loopback serving only `routes`; sections override defaults."""
+    config: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "public_url": "http://gw.test"},
+        "state": {"sessions": "memory://", "records": "memory://"},
+        "routes": routes,
+    }
+    for name, value in sections.items():
+        config[name] = {**config.get(name, {}), **value}
+    return config
+
+
+StartGateway = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start an in-process gateway from a config dict (written to a real YAML file first)."""
+    runners: list[web.BaseRunner] = []
+
+    async def start(config: dict[str, Any]) -> Server:
+        path = tmp_path / f"gateway-{len(runners)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        server = await start_server(create_app(load_settings(path)))
+        runners.append(server.runner)
+        return server
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes exactly as given (no client library normalizes them); read one response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        body = await reader.readexactly(length) if length else b""
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+def get(target: str, host: str = "gw.test", extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
+
+
+def echo_app() -> web.Application:
+    """An upstream that answers with what it received: the raw path and the headers."""
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen = {
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_length": len(body),
+        }
+        return web.Response(body=orjson.dumps(seen), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def header_values(seen: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in seen["headers"] if k.lower() == name.lower()]
+
+
+@pytest.fixture
+async def echo_upstream() -> AsyncIterator[Server]:
+    server = await start_server(echo_app())
+    yield server
+    await server.runner.cleanup()
+
+
+class GatewayProcess:
+    """`gateway run` as a real process; its port comes from the server.started event."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(config_path)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[dict[str, Any]] = []
+        self.port = self._wait_started()
+
+    def _wait_started(self) -> int:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            entry = orjson.loads(line) if line.startswith("{") else {"msg": line}
+            self.log.append(entry)
+            if entry.get("event") == "server.started":
+                return int(entry["listen"][0].rsplit(":", 1)[1])
+        raise AssertionError(f"gateway exited before serving: {self.log}")
+
+    def wait_for(self, event: str) -> dict[str, Any]:
+        """Read the process log until an event of this type (the process keeps running)."""
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            entry = orjson.loads(line) if line.startswith("{") else {"msg": line}
+            self.log.append(entry)
+            if entry.get("event") == event:
+                return entry
+        raise AssertionError(f"no {event} event before the process ended: {self.log}")
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]
+        )
+
+    def stop(self) -> int:
+        """SIGTERM (unless it already exited), then its exit status; the log is read to the end."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        assert self.proc.stderr is not None
+        rest = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self.log += [orjson.loads(line) for line in rest.splitlines() if line.startswith("{")]
+        return self.proc.wait(timeout=40)
