@@ -30,6 +30,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # pchar (RFC 3986 §3.3) minus ';' (path parameters: Tomcat and others split on it) and '%'.
 _RAW_KEEP = _UNRESERVED | frozenset("!$&'()*+,=:@")
 _HEX = frozenset("0123456789abcdefABCDEF")
+_DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 # A path made only of these characters, with no dot segment and no '//', is already canonical.
 _SIMPLE = re.compile(r"/[A-Za-z0-9\-_~!$&'()*+,=:@/]*")
 
@@ -145,7 +146,11 @@ def _segment(raw: str) -> tuple[str, str, bool]:
     except UnicodeDecodeError:
         # SECURITY: overlong forms such as %c0%ae ('.') are invalid UTF-8 and refused here.
         raise _bad("the path is not valid UTF-8") from None
-    return "".join(enc), text, dot_encoded
+    encoded = "".join(enc)
+    if "%25" in encoded and _DOUBLE.search(encoded):
+        # SECURITY: '%252e' (or '%25%32%65') is '%2e' to an upstream that decodes twice.
+        raise _bad("double percent-encoding in the path")
+    return encoded, text, dot_encoded
 
 
 def _pct_byte(raw: str, i: int) -> int:
@@ -159,9 +164,6 @@ def _pct_byte(raw: str, i: int) -> int:
     if byte < 0x20 or byte == 0x7F:
         # SECURITY: NUL truncates paths in C upstreams; other controls forge log lines.
         raise _bad("an encoded control character in the path")
-    if byte == 0x25 and set(raw[i + 3 : i + 5]) <= _HEX and len(raw[i + 3 : i + 5]) == 2:
-        # SECURITY: '%252e' is '%2e' to an upstream that decodes twice.
-        raise _bad("double percent-encoding in the path")
     return byte
 
 

@@ -390,8 +390,8 @@ async def test_example_public_only_config_is_runnable(
     from tests.conftest import GatewayProcess
 
     text = (REPO / "config/public-only.yaml").read_text()
-    assert "127.0.0.1:8080" in text and "127.0.0.1:3000" in text
-    text = text.replace("127.0.0.1:8080", "127.0.0.1:0").replace(
+    assert "listen: 127.0.0.1:8080" in text and "127.0.0.1:3000" in text
+    text = text.replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0").replace(
         "127.0.0.1:3000", f"127.0.0.1:{echo_upstream.port}"
     )
     path = tmp_path / "public-only.yaml"
@@ -405,3 +405,29 @@ async def test_example_public_only_config_is_runnable(
                 assert (await resp.json())["raw_path"] == "/hello"
     finally:
         assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_a_body_broken_off_upstream_is_never_presented_as_complete(
+    start_gateway: StartGateway,
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if request.query.get("mode") == "length":
+            resp.content_length = 1_000_000
+        await resp.prepare(request)
+        await resp.write(b"partial" * 1000)
+        assert request.transport is not None
+        request.transport.close()  # the upstream dies mid-body
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", broken)
+    upstream = await start_server(app)
+    gw = await start_gateway(gateway_config([public(upstream.url)]))
+    async with aiohttp.ClientSession() as client:
+        for mode in ("length", "chunked"):
+            async with client.get(f"{gw.url}/x?mode={mode}", headers=HOST) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+    await upstream.runner.cleanup()
