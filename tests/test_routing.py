@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -92,17 +91,25 @@ def test_duplicate_routes_refused() -> None:
         table(R("a", "/x", "h.example.org"), R("b", "/x", "h.example.org"))
 
 
-def test_lookup_cost_does_not_grow_with_the_route_count() -> None:
-    def per_lookup(n: int) -> float:
-        t = table(*(R(f"r{i}", f"/r{i}") for i in range(n)), R("root"))
-        path = f"/r{n // 2}/x/y"
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(20_000):
-                t.match("gw.example.org", path)
-            best = min(best, time.perf_counter() - start)
-        return best
+class CountingDict(dict[str, object]):
+    probes = 0
 
-    small, large = per_lookup(10), per_lookup(10_000)
-    assert large < small * 1.5, (small, large)  # bench/ measures the 10% figure end to end
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        CountingDict.probes += 1
+        return super().get(key, default)
+
+
+def test_lookup_work_does_not_grow_with_the_route_count() -> None:
+    """A lookup probes one hash slot per prefix of the request path, however many routes exist.
+
+    (bench/ measures the wall-clock figure: 10,000 routes within 10% of 10.)
+    """
+
+    def probes(n: int) -> int:
+        t = table(*(R(f"r{i}", f"/r{i}") for i in range(n)), R("root"))
+        t._slots = CountingDict(t._slots)  # type: ignore[assignment]
+        CountingDict.probes = 0
+        assert ids(t, "gw.example.org", f"/r{n // 2}/x/y") == f"r{n // 2}"
+        return CountingDict.probes
+
+    assert probes(10) == probes(10_000) == 3
