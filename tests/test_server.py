@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 
-from tests.conftest import GatewayProcess, gateway_config, start_server
+from tests.conftest import GatewayProcess, echo_app, gateway_config, start_server
 
 GIB = 1024**3
 Events = tuple[asyncio.Event, asyncio.Event]  # the slow request arrived upstream; release it
@@ -103,3 +105,38 @@ async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(
         assert (resp.status, await resp.text()) == (200, "finished")
         resp.release()
     assert await asyncio.to_thread(proc.proc.wait, 40) == 0
+
+
+async def test_listener_tls_from_server_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("gw.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    upstream = await start_server(echo_app())
+    config = gateway_config(
+        [{"id": "all", "path": "/", "upstream": upstream.url, "public": True}],
+        server={
+            "public_url": "https://gw.test",
+            "tls": {"cert_file": "cert.pem", "key_file": "key.pem"},
+        },
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.to_thread(GatewayProcess, path)
+    try:
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        connector = aiohttp.TCPConnector(ssl=client_ctx)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            # the certificate names gw.test; connect to loopback and check it against that name
+            url = f"https://127.0.0.1:{proc.port}/x"
+            async with client.get(
+                url, headers={"Host": "gw.test"}, server_hostname="gw.test"
+            ) as resp:
+                assert resp.status == 200
+                seen = await resp.json()
+        assert seen["raw_path"] == "/x"
+        assert ["X-Forwarded-Proto", "https"] in seen["headers"]
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+        await upstream.runner.cleanup()
