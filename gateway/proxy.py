@@ -172,7 +172,7 @@ class Proxy:
         if self._client is not None:
             await self._client.close()
 
-    async def forward(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+    async def forward(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             if not fwd.upstream.websocket:
                 raise BadRequest(
@@ -181,7 +181,7 @@ class Proxy:
             return await self._websocket(request, fwd)
         return await self._http(request, fwd)
 
-    async def _http(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+    async def _http(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._client is not None
         up = fwd.upstream
         try:
@@ -204,9 +204,12 @@ class Proxy:
             upstream.release()
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, fwd: Forward
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, fwd: Forward
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
+        # A body of known length lets the headers ride with its first chunk: one write, not two.
+        # Streams of unknown length (server-sent events, long polls) get their headers at once.
+        kind = _FixedLength if upstream.content_length is not None else web.StreamResponse
+        response = kind(
             status=upstream.status,
             reason=upstream.reason,
             headers=_response_headers(upstream.headers, fwd.request_id),
@@ -229,7 +232,7 @@ class Proxy:
                 request.transport.abort()
         return response
 
-    def _request_headers(self, request: web.Request, fwd: Forward) -> CIMultiDict[str]:
+    def _request_headers(self, request: web.BaseRequest, fwd: Forward) -> CIMultiDict[str]:
         named = _connection_tokens(request.headers)
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
@@ -244,14 +247,14 @@ class Proxy:
         headers["X-Request-Id"] = fwd.request_id
         return headers
 
-    def _proto(self, request: web.Request, fwd: Forward) -> str:
+    def _proto(self, request: web.BaseRequest, fwd: Forward) -> str:
         if fwd.addresses.peer_trusted:
             claimed = request.headers.get("X-Forwarded-Proto", "").lower()
             if claimed in ("http", "https"):
                 return claimed
         return self._scheme
 
-    async def _websocket(self, request: web.Request, fwd: Forward) -> web.StreamResponse:
+    async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._client is not None
         up = fwd.upstream
         headers = self._request_headers(request, fwd)
@@ -293,6 +296,10 @@ class Proxy:
         finally:
             await upstream.close()
         return client
+
+
+class _FixedLength(web.StreamResponse):
+    _send_headers_immediately = False  # aiohttp then sends them with the first body write
 
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse

@@ -7,20 +7,57 @@ SHUTDOWN_TIMEOUT seconds, close upstream connections, exit 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
 import ssl
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway import __version__
-from gateway.app import create_app
+from gateway.app import Gateway
 from gateway.events import Event, emit
 from gateway.settings import Settings
 
 SHUTDOWN_TIMEOUT = 30.0
 log = logging.getLogger("gateway.server")
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """A started gateway and its listener; `stop()` is the graceful shutdown."""
+
+    gateway: Gateway
+    runner: web.ServerRunner
+    addresses: tuple[str, ...]
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[0].rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        self.gateway.draining = True
+        await self.runner.cleanup()  # stop accepting; wait for in-flight requests (bounded)
+        await self.gateway.close()
+
+
+async def listen(settings: Settings, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> Listening:
+    gateway = Gateway(settings)
+    await gateway.start()
+    runner = web.ServerRunner(
+        web.Server(gateway.handle, access_log=None),
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    address = settings.server.listen
+    site = web.TCPSite(
+        runner, address.host, address.port, ssl_context=listener_tls(settings), backlog=1024
+    )
+    await site.start()
+    return Listening(gateway, runner, tuple(_address(s.getsockname()) for s in _sockets(site)))
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -35,30 +72,17 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
-    runner = web.AppRunner(
-        create_app(settings),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-    )
-    await runner.setup()
-    listen = settings.server.listen
-    site = web.TCPSite(
-        runner, listen.host, listen.port, ssl_context=listener_tls(settings), backlog=1024
-    )
-    await site.start()
-    addresses = [_address(sock.getsockname()) for sock in _sockets(site)]
-    emit(
-        Event(
-            "server.started",
-            {
-                "version": __version__,
-                "listen": addresses,
-                "routes": len(settings.routes),
-                "config": str(settings.source),
-            },
-        )
-    )
+    listening = await listen(settings)
+    # The config (thousands of route objects) lives as long as the process: keep it out of every
+    # full garbage collection, which would otherwise pause the loop in proportion to its size.
+    gc.freeze()
+    started = {
+        "version": __version__,
+        "listen": list(listening.addresses),
+        "routes": len(settings.routes),
+        "config": str(settings.source),
+    }
+    emit(Event("server.started", started))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,7 +91,7 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         emit(Event("server.stopping", {"grace_seconds": SHUTDOWN_TIMEOUT}))
     finally:
-        await runner.cleanup()
+        await listening.stop()
     emit(Event("server.stopped"))
 
 
@@ -76,9 +100,9 @@ def _sockets(site: web.TCPSite) -> list[socket.socket]:
     return list(getattr(server, "sockets", None) or [])
 
 
-def _address(name: object) -> str:
-    host, port = name[0], name[1]  # type: ignore[index]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+def _address(name: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

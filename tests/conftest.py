@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.server import Listening, listen
 from gateway.settings import load_settings
 
 IN_CI = os.environ.get("CI") == "true"
@@ -60,18 +60,18 @@ StartGateway = Callable[..., Awaitable[Server]]
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """Start an in-process gateway from a config dict (written to a real YAML file first)."""
-    runners: list[web.BaseRunner] = []
+    started: list[Listening] = []
 
     async def start(config: dict[str, Any]) -> Server:
-        path = tmp_path / f"gateway-{len(runners)}.yaml"
+        path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = await start_server(create_app(load_settings(path)))
-        runners.append(server.runner)
-        return server
+        listening = await listen(load_settings(path), shutdown_timeout=5)
+        started.append(listening)
+        return Server(listening.runner, listening.port)
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for listening in started:
+        await listening.stop()
 
 
 async def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:

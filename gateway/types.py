@@ -1,0 +1,25 @@
+"""Shared aliases and protocols: what modules need to know of each other, and no more."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+
+class GatewayState(Protocol):
+    """What the gateway's own endpoints may read of the running gateway."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+# A /.gateway/* endpoint: (request, the gateway, request id) -> response.
+Endpoint = Callable[[web.BaseRequest, GatewayState, str], Awaitable[web.StreamResponse]]
