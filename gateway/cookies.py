@@ -1,0 +1,75 @@
+"""The gateway's own cookies: names, flags, reading them, and keeping them from upstreams.
+
+    <cookie_name>          the session: an opaque 256-bit id, Max-Age = sessions.max_lifetime
+    <cookie_name>-login    the sealed login state (state, nonce, PKCE verifier, rd), 10 minutes
+
+Always HttpOnly, SameSite=Lax, Path=/, Secure under https, and never a Domain attribute:
+each host gets its own host-only cookie (through the handoff), so no app on a sibling
+subdomain ever receives or can overwrite it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from gateway.errors import BadRequest
+
+
+class Cookies:
+    def __init__(self, name: str, *, secure: bool, max_age: float) -> None:
+        self.session = name
+        self.login = f"{name}-login"
+        self._secure = secure
+        self._max_age = int(max_age)
+        self.names = frozenset({self.session, self.login})
+
+    def session_id(self, headers: Iterable[str]) -> str | None:
+        """The session cookie's value from the request's Cookie headers; 400 if sent twice."""
+        values = [v for n, v in _pairs(headers) if n == self.session]
+        if len(values) > 1:
+            # SECURITY: two of our cookies (one planted by a sibling host) is cookie tossing.
+            raise BadRequest("two session cookies were sent", reason="bad-cookie")
+        return values[0] if values else None
+
+    def login_state(self, headers: Iterable[str]) -> str | None:
+        values = [v for n, v in _pairs(headers) if n == self.login]
+        return values[0] if len(values) == 1 else None
+
+    def set_session(self, response: web.StreamResponse, cookie_id: str) -> None:
+        self._set(response, self.session, cookie_id, self._max_age)
+
+    def set_login(self, response: web.StreamResponse, sealed: str) -> None:
+        self._set(response, self.login, sealed, 600)
+
+    def clear(self, response: web.StreamResponse, name: str) -> None:
+        self._set(response, name, "", 0)
+
+    def _set(self, response: web.StreamResponse, name: str, value: str, max_age: int) -> None:
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            path="/",
+            secure=self._secure,
+            httponly=True,
+            samesite="Lax",
+        )
+
+    def without_ours(self, cookie_header: str) -> str | None:
+        """The Cookie header for the upstream: ours removed (None when nothing is left)."""
+        # SECURITY: the session id must never reach an upstream (or its logs).
+        kept = [p for p in cookie_header.split(";") if p.split("=", 1)[0].strip() not in self.names]
+        joined = ";".join(kept).strip()
+        return joined or None
+
+
+def _pairs(headers: Iterable[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for header in headers:
+        for part in header.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                pairs.append((name, value.strip().strip('"')))
+    return pairs
