@@ -21,7 +21,7 @@ class Cookies:
     def __init__(self, name: str, *, secure: bool, max_age: float) -> None:
         self.session = name
         self.login = f"{name}-login"
-        self._secure = secure
+        self.secure = secure
         self._max_age = int(max_age)
         self.names = frozenset({self.session, self.login})
 
@@ -52,7 +52,7 @@ class Cookies:
             value,
             max_age=max_age,
             path="/",
-            secure=self._secure,
+            secure=self.secure,
             httponly=True,
             samesite="Lax",
         )

@@ -1,11 +1,15 @@
 """Errors that end a request with a page or JSON, never a traceback.
 
     GatewayError                 .status, .reason (a stable code of SPEC §3), .detail
-    ├── BadRequest          400  bad-path, bad-host, bad-request-id, websocket-not-allowed
+    ├── BadRequest          400  bad-path, bad-host, bad-cookie, websocket-not-allowed,
+    │                            login-failed, handoff-invalid, bad-origin, bad-csrf
+    ├── Unauthorized        401  no-session, session-idle, session-expired, session-revoked,
+    │                            bad-token
     ├── NotFound            404  no-route, no-endpoint
     ├── MethodNotAllowed    405  method-not-allowed
     ├── MisdirectedRequest  421  bad-host (a Host we do not serve, or an absolute-form target)
     ├── BadGateway          502  upstream-unreachable, upstream-tls, upstream-error
+    ├── ServiceUnavailable  503  idp-unavailable, store-unavailable
     └── GatewayTimeout      504  upstream-timeout
 
 `detail` is shown to the client: it must say what went wrong in terms the
@@ -31,6 +35,11 @@ class BadRequest(GatewayError):
     reason = "bad-request"
 
 
+class Unauthorized(GatewayError):
+    status = 401
+    reason = "no-session"
+
+
 class NotFound(GatewayError):
     status = 404
     reason = "no-route"
@@ -49,6 +58,11 @@ class MisdirectedRequest(GatewayError):
 class BadGateway(GatewayError):
     status = 502
     reason = "upstream-unreachable"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    reason = "idp-unavailable"
 
 
 class GatewayTimeout(GatewayError):

@@ -95,7 +95,10 @@ class Pkce:
 
     @classmethod
     def new(cls) -> Pkce:
-        verifier = secrets.token_urlsafe(48)
+        return cls.from_verifier(secrets.token_urlsafe(48))
+
+    @classmethod
+    def from_verifier(cls, verifier: str) -> Pkce:
         digest = hashlib.sha256(verifier.encode("ascii")).digest()
         return cls(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"))
 
@@ -139,6 +142,10 @@ class Provider:
         self._keys_fetched_at = float("-inf")
 
     # -- discovery and keys ------------------------------------------------------------------
+
+    @property
+    def discovered(self) -> bool:
+        return self._metadata is not None
 
     @property
     def metadata(self) -> Metadata:
@@ -313,6 +320,16 @@ class Provider:
                 raise TokenRejected(
                     "auth-too-old", "the IdP's authentication is older than max_age"
                 )
+        return claims
+
+    async def validate_refreshed_id_token(self, raw: str, *, sub: str) -> Claims:
+        """An ID token from a refresh (OIDC Core §12.2): ours, valid, and about the same subject."""
+        claims = await self._verified_claims(raw)
+        self._check_issued(claims)
+        self._check_audience(claims, (self.client.client_id,), id_token=True)
+        # SECURITY: a refresh must never turn one person's session into another's.
+        if claims.get("sub") != sub:
+            raise TokenRejected("sub-changed", "the refreshed token names another subject")
         return claims
 
     async def validate_logout_token(self, raw: str) -> LogoutClaims:

@@ -67,6 +67,22 @@ def error_response(
     )
 
 
+def page(
+    template: str, request_id: str, *, status: int = 200, secure: bool = False, **context: object
+) -> web.Response:
+    """One of the gateway's HTML pages, with the SPEC §12 headers."""
+    headers = {**PAGE_HEADERS, "X-Request-Id": request_id}
+    if secure:
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+    body = _templates.get_template(template).render(request_id=request_id, **context)
+    return web.Response(status=status, text=body, content_type="text/html", headers=headers)
+
+
+def redirect(location: str, request_id: str) -> web.Response:
+    headers = {"Location": location, "X-Request-Id": request_id, "Cache-Control": "no-store"}
+    return web.Response(status=302, headers=headers)
+
+
 def json_response(payload: object, request_id: str, status: int = 200) -> web.Response:
     return web.Response(
         status=status,

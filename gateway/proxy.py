@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.addresses import Addresses
+from gateway.cookies import Cookies
 from gateway.errors import BadGateway, BadRequest, GatewayTimeout
 from gateway.paths import Target, segment_count, strip_segments
 
@@ -142,6 +144,9 @@ def upstream_tls_context(
     return context
 
 
+Guard = Callable[[], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
     """Everything the proxy needs to know about one request, decided by earlier stages."""
@@ -151,11 +156,14 @@ class Forward:
     host: str  # the matched (normalized) host
     addresses: Addresses
     request_id: str
+    # Returns when a long-lived stream (WebSocket) must close: its session ended or went idle.
+    guard: Guard | None = None
 
 
 class Proxy:
-    def __init__(self, scheme: str) -> None:
-        self._scheme = scheme  # of our own listener: X-Forwarded-Proto
+    def __init__(self, scheme: str, cookies: Cookies | None = None) -> None:
+        self.scheme = scheme  # of our own listener: X-Forwarded-Proto
+        self._cookies = cookies  # the gateway's own cookies, kept from upstreams
         self._client: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -212,7 +220,7 @@ class Proxy:
         response = kind(
             status=upstream.status,
             reason=upstream.reason,
-            headers=_response_headers(upstream.headers, fwd.request_id),
+            headers=_response_headers(upstream.headers, fwd.request_id, self._cookies),
         )
         try:
             await response.prepare(request)
@@ -239,6 +247,10 @@ class Proxy:
             key = name.lower()
             if key in HOP_BY_HOP or key in named or _forgeable(key):
                 continue
+            if key == "cookie" and self._cookies is not None:
+                value = self._cookies.without_ours(value)  # type: ignore[assignment]
+                if value is None:
+                    continue
             headers.add(name, value)
         # Set after filtering: a client naming these in Connection cannot remove them.
         headers["X-Forwarded-For"] = fwd.addresses.forwarded_for
@@ -252,7 +264,7 @@ class Proxy:
             claimed = request.headers.get("X-Forwarded-Proto", "").lower()
             if claimed in ("http", "https"):
                 return claimed
-        return self._scheme
+        return self.scheme
 
     async def _websocket(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
         assert self._client is not None
@@ -292,7 +304,7 @@ class Proxy:
         client.headers["X-Request-Id"] = fwd.request_id
         try:
             await client.prepare(request)
-            await relay_websocket(client, upstream)
+            await relay_websocket(client, upstream, fwd.guard)
         finally:
             await upstream.close()
         return client
@@ -306,10 +318,21 @@ WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 async def relay_websocket(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+    client: web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    guard: Guard | None = None,
 ) -> None:
-    """Relay frames both ways until either side closes; the close code crosses over."""
+    """Relay frames both ways until either side closes (the close code crosses over), or until
+    `guard` returns: then both sides are closed with 1008 (policy violation)."""
     finished = asyncio.Event()
+    ended_by_guard = False
+
+    async def watch() -> None:
+        nonlocal ended_by_guard
+        assert guard is not None
+        await guard()
+        ended_by_guard = True
+        finished.set()
 
     async def pump(source: WebSocket, sink: WebSocket) -> None:
         try:
@@ -324,9 +347,14 @@ async def relay_websocket(
             group.create_task(pump(client, upstream), name="websocket client->upstream"),
             group.create_task(pump(upstream, client), name="websocket upstream->client"),
         ]
+        if guard is not None:
+            pumps.append(group.create_task(watch(), name="websocket session guard"))
         await finished.wait()
         for task in pumps:
             task.cancel()
+    if ended_by_guard:
+        await upstream.close(code=1008, message=b"session ended")
+        await client.close(code=1008, message=b"session ended")
     await client.close()
 
 
@@ -357,15 +385,25 @@ def _close_code(code: object) -> int:
     return 1000
 
 
-def _response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def _response_headers(
+    upstream: CIMultiDictProxy[str], request_id: str, cookies: Cookies | None
+) -> CIMultiDict[str]:
     named = _connection_tokens(upstream)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         key = name.lower()
-        if key not in HOP_BY_HOP and key not in named:
-            headers.add(name, value)
+        if key in HOP_BY_HOP or key in named:
+            continue
+        # SECURITY: an upstream may not set (or overwrite) the gateway's own cookies.
+        if key == "set-cookie" and cookies is not None and _cookie_name(value) in cookies.names:
+            continue
+        headers.add(name, value)
     headers["X-Request-Id"] = request_id
     return headers
+
+
+def _cookie_name(set_cookie: str) -> str:
+    return set_cookie.split("=", 1)[0].strip()
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.addresses import TrustedProxies
+from gateway.globs import GlobSet
 from gateway.proxy import Upstream, compile_upstream, upstream_tls_context
 from gateway.routing import RouteTable
 from gateway.settings import Route, Settings
@@ -28,6 +29,7 @@ class Runtime:
     upstreams: Mapping[str, Upstream]
     trusted: TrustedProxies
     secure: bool  # users reach us over https (public_url): HSTS on our pages
+    idle_ignore: GlobSet  # requests that never count as session activity
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -40,6 +42,7 @@ class Runtime:
             upstreams={r.id: _upstream(r, contexts) for r in settings.routes},
             trusted=TrustedProxies(server.trusted_proxies),
             secure=server.public_url.scheme == "https",
+            idle_ignore=GlobSet(settings.sessions.idle_ignore_paths),
         )
 
 

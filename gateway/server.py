@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import Gateway
 from gateway.events import Event, emit
+from gateway.sessions import Clock
 from gateway.settings import Settings
 
 SHUTDOWN_TIMEOUT = 30.0
@@ -43,8 +45,10 @@ class Listening:
         await self.gateway.close()
 
 
-async def listen(settings: Settings, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> Listening:
-    gateway = Gateway(settings)
+async def listen(
+    settings: Settings, shutdown_timeout: float = SHUTDOWN_TIMEOUT, clock: Clock = time.time
+) -> Listening:
+    gateway = Gateway(settings, clock)
     await gateway.start()
     runner = web.ServerRunner(
         web.Server(gateway.handle, access_log=None),

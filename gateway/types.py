@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.auth import Auth
     from gateway.runtime import Runtime
 
 
@@ -19,6 +20,9 @@ class GatewayState(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def auth(self) -> Auth | None: ...  # None when every route is public
 
 
 # A /.gateway/* endpoint: (request, the gateway, request id) -> response.

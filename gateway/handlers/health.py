@@ -14,6 +14,11 @@ async def healthz(request: web.BaseRequest, gateway: GatewayState, request_id: s
 
 async def readyz(request: web.BaseRequest, gateway: GatewayState, request_id: str) -> web.Response:
     checks = {"accepting": "draining" if gateway.draining else "ok"}
+    auth = gateway.auth
+    if auth is not None:
+        checks["session_store"] = "ok" if await auth.store.ping() else "unreachable"
+        checks["revocations"] = "ok" if auth.sessions.connected else "unsubscribed"
+        checks["identity_provider"] = "ok" if await auth.discover() else "unreachable"
     ready = all(v == "ok" for v in checks.values())
     payload = {
         "status": "ready" if ready else "unavailable",

@@ -1,0 +1,96 @@
+"""Stage 5, the caller: who is asking (SPEC §4.4) — a session cookie or a bearer token.
+
+`identify()` gives a `Caller` or raises Unauthorized with the reason (no-session,
+session-idle, session-expired, session-revoked, bad-token); the pipeline turns that into a
+login redirect for browsers and a 401 with `WWW-Authenticate` for everyone else.
+`stream_guard()` watches a session for the lifetime of a WebSocket and returns when the
+stream must close: the session was revoked, expired or went idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.auth import Auth
+from gateway.errors import Unauthorized
+from gateway.oidc import TokenRejected
+from gateway.sessions import Session, SessionInvalid
+from gateway.settings import Route
+from gateway.store import StoreUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: str
+    sub: str
+    groups: tuple[str, ...]
+    session: Session | None  # None for a service client's bearer token
+    client: str | None = None  # the service client (azp / client_id) of a bearer token
+
+
+async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller:
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return await _bearer(auth, authorization[7:].strip())
+    cookie_id = auth.cookies.session_id(request.headers.getall("Cookie", []))
+    if cookie_id is None:
+        raise Unauthorized("sign-in required")
+    try:
+        session = await auth.sessions.check(
+            await auth.sessions.load(cookie_id),
+            idle_timeout=route.idle_timeout,
+            max_lifetime=route.max_lifetime,
+        )
+    except SessionInvalid as invalid:
+        raise Unauthorized("your session has ended; sign in again", reason=invalid.reason) from None
+    session = await auth.refresh_if_due(session)
+    return Caller(session.user, session.sub, session.groups, session)
+
+
+async def _bearer(auth: Auth, token: str) -> Caller:
+    # SECURITY: without configured API audiences no bearer token is accepted at all.
+    if not auth.provider.client.api_audiences or not await auth.discover():
+        raise Unauthorized("bearer tokens are not accepted here", reason="bad-token")
+    try:
+        identity = await auth.provider.validate_bearer(token)
+    except TokenRejected:
+        raise Unauthorized("the bearer token was not accepted", reason="bad-token") from None
+    groups = identity.claims.get("groups", [])
+    valid_groups = isinstance(groups, list) and all(isinstance(g, str) for g in groups)
+    return Caller(
+        identity.sub, identity.sub, tuple(groups) if valid_groups else (), None, identity.client
+    )
+
+
+def stream_guard(auth: Auth, session: Session, route: Route) -> Callable[[], Awaitable[None]]:
+    """A coroutine that returns when a stream of this session must be closed."""
+
+    async def guard() -> None:
+        changed = auth.sessions.watch(session.key)
+        current = session
+        try:
+            while True:
+                limits = auth.sessions.limits
+                idle = min(limits.idle_timeout, route.idle_timeout or limits.idle_timeout)
+                life = min(limits.max_lifetime, route.max_lifetime or limits.max_lifetime)
+                deadline = min(current.created + life, current.last_active + idle)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(deadline - auth.clock(), 0.0))
+                changed.clear()
+                try:
+                    current = await auth.sessions.check(
+                        await auth.sessions.reload(session.key),
+                        idle_timeout=route.idle_timeout,
+                        max_lifetime=route.max_lifetime,
+                    )
+                except (SessionInvalid, StoreUnavailable):
+                    return
+        finally:
+            auth.sessions.unwatch(session.key, changed)
+
+    return guard

@@ -1,0 +1,72 @@
+"""`GET /.gateway/login?rd=URL`: start the OIDC authorization code flow (SPEC §5).
+
+A browser that already has a valid session is not sent to the IdP again: it goes straight
+to `rd`, through the handoff when `rd` is on another route host.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from gateway.auth import Auth, Handoff, LoginState
+from gateway.errors import NotFound, ServiceUnavailable
+from gateway.oidc import Pkce
+from gateway.pages import redirect
+from gateway.redirects import safe_redirect
+from gateway.sessions import SessionInvalid
+from gateway.types import GatewayState
+
+
+def need_auth(gateway: GatewayState) -> Auth:
+    if gateway.auth is None:
+        raise NotFound("login is not configured on this gateway", reason="no-endpoint")
+    return gateway.auth
+
+
+def redirect_target(auth: Auth, rd: str | None) -> str:
+    """SPEC §5: `rd` if it stays on public_url's host or an exact route host, else '/'."""
+    public = auth.settings.server.public_url
+    hosts = {public.host, *(r.host for r in auth.settings.routes if r.host and "*" not in r.host)}
+    return safe_redirect(rd, scheme=public.scheme, port=public.port, hosts=hosts)
+
+
+async def after_login(auth: Auth, cookie_id: str, rd: str, request_id: str) -> web.Response:
+    """Where a logged-in browser goes: `rd` here, or the handoff to its route host."""
+    host = urlsplit(rd).hostname if not rd.startswith("/") else None
+    if host is None or host == auth.settings.server.public_url.host:
+        return redirect(rd, request_id)
+    code = await auth.new_handoff(Handoff(cookie_id, host, rd))
+    public = auth.settings.server.public_url
+    port = "" if public.port in (80, 443) else f":{public.port}"
+    return redirect(f"{public.scheme}://{host}{port}/.gateway/handoff?code={code}", request_id)
+
+
+async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str) -> web.Response:
+    auth = need_auth(gateway)
+    rd = redirect_target(auth, request.query.get("rd"))
+    cookie_id = auth.cookies.session_id(request.headers.getall("Cookie", []))
+    if cookie_id is not None and request.query.get("prompt") != "login":
+        try:
+            await auth.sessions.check(await auth.sessions.load(cookie_id))
+            return await after_login(auth, cookie_id, rd, request_id)
+        except SessionInvalid:
+            pass  # a stale cookie: log in again
+    if not await auth.discover():
+        raise ServiceUnavailable("the identity provider cannot be reached; try again shortly")
+    state = LoginState(
+        secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new().verifier, rd, auth.clock()
+    )
+    pkce = Pkce.from_verifier(state.verifier)
+    location = auth.provider.authorization_url(
+        redirect_uri=auth.redirect_uri,
+        state=state.state,
+        nonce=state.nonce,
+        pkce=pkce,
+        prompt="login" if request.query.get("prompt") == "login" else None,
+    )
+    response = redirect(location, request_id)
+    auth.cookies.set_login(response, auth.seal_login(state))
+    return response
