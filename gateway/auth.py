@@ -187,6 +187,9 @@ class Auth:
                 claims = await self.provider.validate_refreshed_id_token(
                     tokens.id_token, sub=session.sub
                 )
+            if tokens.access_token:  # many IdPs put groups and email in userinfo only (§5.4)
+                info = await self.provider.userinfo(tokens.access_token, expected_sub=session.sub)
+                claims = {**info, **claims}
         except IdpUnavailable:
             return await self.sessions.update(session, refresh_after=self.clock() + 60.0)
         except TokenRejected as rejected:

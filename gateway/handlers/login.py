@@ -65,8 +65,16 @@ async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str
         state=state.state,
         nonce=state.nonce,
         pkce=pkce,
-        prompt="login" if request.query.get("prompt") == "login" else None,
+        prompt=_prompt(auth, forced_login=request.query.get("prompt") == "login"),
     )
     response = redirect(location, request_id)
     auth.cookies.set_login(response, auth.seal_login(state))
     return response
+
+
+def _prompt(auth: Auth, *, forced_login: bool) -> str | None:
+    """OIDC Core §11: asking for offline_access (refresh tokens) needs prompt=consent."""
+    prompts = ["login"] if forced_login else []
+    if "offline_access" in auth.provider.client.scopes:
+        prompts.append("consent")
+    return " ".join(prompts) or None
