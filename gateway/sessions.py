@@ -45,6 +45,8 @@ _HANDLE_LABEL = "session-handle"
 _SEAL_LABEL = "session-record"
 _SEEN = "session-seen"  # the activity record: last_active, apart from the session's claims
 _START_TIMEOUT = 5.0  # seconds to wait for the revocation channel at start
+# Admin-API indexes, each member expiring with the session that added it (bounded by TTLs):
+_ALL, _HANDLES, _NAMES = "all-sessions", "session-handles", "user-names"
 
 Clock = Callable[[], float]
 
@@ -98,6 +100,7 @@ class Sessions:
         self._store = store
         self._keyring = keyring
         self._sealer = keyring.sealer(_SEAL_LABEL)
+        self._id_keys = keyring.derive_all(_HMAC_LABEL)
         self.limits = limits
         self._clock = clock
         self._cache: dict[str, Session] = {}
@@ -105,6 +108,7 @@ class Sessions:
         self._subscription: Subscription | None = None
         self._listener: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation: reads begun before do not cache
+        self._touching: set[str] = set()  # sessions whose activity is being written right now
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,7 +151,9 @@ class Sessions:
 
     def keys_for(self, cookie_id: str) -> list[str]:
         """The store keys this id may be under: current state key first (rotation)."""
-        return [mac.hex() for mac in self._keyring.hmac_all(_HMAC_LABEL, cookie_id.encode())]
+        # Keyed BLAKE2b (a MAC): on the path of every request, and 3x cheaper than HMAC-SHA256.
+        data = cookie_id.encode()
+        return [hashlib.blake2b(data, key=k, digest_size=32).hexdigest() for k in self._id_keys]
 
     def handle_of(self, key: str) -> str:
         return self._keyring.hmac(_HANDLE_LABEL, key.encode()).hex()[:16]
@@ -195,6 +201,9 @@ class Sessions:
         await self._store.index_add("user-sessions", _digest(session.identity), key, ttl)
         if sid:
             await self._store.index_add("sid-sessions", _digest(f"{iss}|{sid}"), key, ttl)
+        await self._store.index_add(_ALL, "all", key, ttl)
+        await self._store.index_add(_HANDLES, session.handle, key, ttl)
+        await self._store.index_add(_NAMES, _digest(user.lower()), session.identity, ttl)
         await self._enforce_max_per_user(session)
         emit(Event("session.created", {"session": session.handle, "user": user, "sub": sub}))
         return cookie_id, session
@@ -253,13 +262,18 @@ class Sessions:
     async def touch(self, session: Session) -> None:
         """Record activity (an authorized request); written at most every TOUCH_INTERVAL."""
         now = self._clock()
-        if now - session.last_active < TOUCH_INTERVAL:
+        if now - session.last_active < TOUCH_INTERVAL or session.key in self._touching:
             return
-        blob = self._sealer.seal(_SEEN, session.key, repr(now).encode())
-        await self._store.put(_SEEN, session.key, blob, self._ttl(session))
+        # Cached first: requests arriving while the write is under way must not write again.
         cached = self._cache.get(session.key)
         if cached is not None:
             self._cache[session.key] = replace(cached, last_active=max(cached.last_active, now))
+        self._touching.add(session.key)
+        try:
+            blob = self._sealer.seal(_SEEN, session.key, repr(now).encode())
+            await self._store.put(_SEEN, session.key, blob, self._ttl(session))
+        finally:
+            self._touching.discard(session.key)
 
     async def update(self, session: Session, **changes: object) -> Session:
         """Change a session (refreshed claims, tokens); every process drops its cached copy."""
@@ -284,6 +298,8 @@ class Sessions:
         await self._store.delete(_SEEN, key)
         if session is not None:
             await self._store.index_remove("user-sessions", _digest(session.identity), key)
+            await self._store.index_remove(_ALL, "all", key)
+            await self._store.index_remove(_HANDLES, session.handle, key)
         await self._store.publish(CHANNEL, key.encode())
         if existed and session is not None:
             fields = {"session": session.handle, "user": session.user, "sub": session.sub}
@@ -299,7 +315,29 @@ class Sessions:
         return sum([await self.end(key, reason, actor) for key in sorted(keys)])
 
     async def of_user(self, iss: str, sub: str) -> list[Session]:
-        keys = await self._store.index_members("user-sessions", _digest(f"{iss}|{sub}"))
+        return await self.of_identity(f"{iss}|{sub}")
+
+    async def of_identity(self, identity: str) -> list[Session]:
+        """The sessions of one `iss|sub`, oldest first."""
+        return await self._live(await self._store.index_members("user-sessions", _digest(identity)))
+
+    async def listing(self) -> list[Session]:
+        """Every stored session, oldest first (the admin API)."""
+        return await self._live(await self._store.index_members(_ALL, "all"))
+
+    async def find(self, handle: str) -> Session | None:
+        """The session with this public handle, whoever it belongs to (the admin API)."""
+        found = await self._live(await self._store.index_members(_HANDLES, handle))
+        return next((s for s in found if s.handle == handle), None)
+
+    async def identities_named(self, user: str) -> set[str]:
+        """The identities (`iss|sub`) that signed in with this user_claim value, in any case.
+
+        Members outlive their sessions by up to `max_lifetime`: callers check for live ones.
+        """
+        return await self._store.index_members(_NAMES, _digest(user.lower()))
+
+    async def _live(self, keys: Iterable[str]) -> list[Session]:
         found = [await self._read(key) for key in keys]
         return sorted((s for s in found if s is not None), key=lambda s: s.created)
 
