@@ -230,8 +230,13 @@ class Auth:
         expected = [mac.hex()[:32] for mac in self.keyring.hmac_all("csrf", session_key.encode())]
         return any(hmac.compare_digest(e, token) for e in expected)
 
-    def same_origin(self, origin: str | None) -> bool:
-        """Whether a POST's Origin is ours: public_url's or a route host's, same scheme and port."""
+    def same_origin(self, origin: str | None, fetch_site: str | None = None) -> bool:
+        """Whether a POST comes from our own pages (SPEC §12): its Origin is public_url's or a
+        route host's (same scheme and port). Our pages send `Referrer-Policy: no-referrer`, for
+        which Chromium sends `Origin: null`; that is accepted only with the browser's own
+        `Sec-Fetch-Site: same-origin`, a header no other site's page can set."""
+        if origin == "null":
+            return fetch_site == "same-origin"
         if not origin:
             return False
         public = self.settings.server.public_url

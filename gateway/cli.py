@@ -33,6 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and summarize it")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.set_defaults(func=_check_config)
+    sessions = commands.add_parser(
+        "sessions", help="list or end sessions, through the running gateway's admin API"
+    )
+    sessions.add_argument("action", choices=["list", "revoke"])
+    sessions.add_argument("-c", "--config", required=True, metavar="FILE")
+    which = sessions.add_mutually_exclusive_group()
+    which.add_argument("--user", metavar="U", help="a user_claim value, or ISS|SUB")
+    which.add_argument("--id", dest="handle", metavar="HANDLE", help="one session's handle")
+    which.add_argument("--all", action="store_true", help="every session")
+    sessions.add_argument("--json", action="store_true", help="list as JSON")
+    sessions.set_defaults(func=_sessions)
+    demo = commands.add_parser(
+        "demo", help="a dev IdP, a sample app and the gateway, on loopback (Ctrl-C stops)"
+    )
+    demo.add_argument("-c", "--config", metavar="FILE", help="default: config/demo.yaml")
+    demo.add_argument("--users", metavar="FILE", help="default: config/devidp-users.yaml")
+    demo.add_argument("--port", type=_port, default=8080, help="gateway (8080); 0: free ports")
+    demo.add_argument("--idp-port", type=_port, help="dev IdP (8090; 0 with --port 0)")
+    demo.add_argument("--whoami-port", type=_port, help="whoami app (8091; 0 with --port 0)")
+    demo.set_defaults(func=_demo)
     return parser
 
 
@@ -55,6 +75,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from gateway.admin import TokensFileError
     from gateway.events import configure_logging
     from gateway.server import new_event_loop, serve
     from gateway.settings import ConfigError, load_settings
@@ -74,6 +95,71 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as err:  # the port is taken, a TLS file is unreadable, ...
         print(f"gateway: cannot serve: {err}", file=sys.stderr)
         return 1
+    except TokensFileError as err:  # admin.tokens_file: FILE:LINE: what is wrong
+        print(f"gateway: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         loop.close()
     return 0
+
+
+def _port(value: str) -> int:
+    """An argparse type: a TCP port, 0 meaning any free one."""
+    port = int(value)  # argparse turns the ValueError into a usage error
+    if not 0 <= port <= 65535:
+        raise ValueError(value)
+    return port
+
+
+_port.__name__ = "port"  # argparse names the type in its message: "invalid port value: '70000'"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway import demo
+
+    options = demo.Options(
+        config=Path(args.config) if args.config else demo.DEFAULT_CONFIG,
+        users=Path(args.users) if args.users else demo.DEFAULT_USERS,
+        port=args.port,
+        idp_port=args.idp_port,
+        whoami_port=args.whoami_port,
+    )
+    return demo.main(options)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.adminclient import CallFailed, Selection, sessions_command
+    from gateway.settings import ConfigError, load_settings
+
+    if args.action == "revoke" and not (args.user or args.handle or args.all):
+        return _usage("sessions revoke needs --user U, --id HANDLE or --all")
+    if "" in (args.user, args.handle):
+        return _usage("--user and --id need a value")
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
+    if not (token and token.isascii() and token.isprintable()):
+        return _usage("set GATEWAY_ADMIN_TOKEN to an admin API token (see docs/admin-api.md)")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    if settings.admin is None:
+        return _usage(f"{args.config} has no admin: section, so there is no admin API to call")
+    selection = Selection(args.user, args.handle, args.all)
+    try:
+        print(
+            sessions_command(settings.admin, token, args.action, selection, os.environ, args.json)
+        )
+    except CallFailed as failed:
+        print(f"gateway: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _usage(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr)
+    return EXIT_USAGE

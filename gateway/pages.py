@@ -68,10 +68,25 @@ def error_response(
 
 
 def page(
-    template: str, request_id: str, *, status: int = 200, secure: bool = False, **context: object
+    template: str,
+    request_id: str,
+    *,
+    status: int = 200,
+    secure: bool = False,
+    form_targets: tuple[str, ...] = (),
+    **context: object,
 ) -> web.Response:
-    """One of the gateway's HTML pages, with the SPEC §12 headers."""
+    """One of the gateway's HTML pages, with the SPEC §12 headers.
+
+    `form_targets`: origins a form's POST may be redirected to (CSP form-action also governs
+    redirects after the POST, e.g. sign-out continuing at the IdP).
+    """
     headers = {**PAGE_HEADERS, "X-Request-Id": request_id}
+    if form_targets:
+        csp = headers["Content-Security-Policy"]
+        headers["Content-Security-Policy"] = csp.replace(
+            "form-action 'self'", "form-action 'self' " + " ".join(form_targets)
+        )
     if secure:
         headers["Strict-Transport-Security"] = "max-age=31536000"
     body = _templates.get_template(template).render(request_id=request_id, **context)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import __version__
+from gateway.admin import AdminApi
 from gateway.app import Gateway
 from gateway.events import Event, emit
 from gateway.sessions import Clock
@@ -29,11 +30,12 @@ log = logging.getLogger("gateway.server")
 
 @dataclass(frozen=True, slots=True)
 class Listening:
-    """A started gateway and its listener; `stop()` is the graceful shutdown."""
+    """A started gateway and its listeners; `stop()` is the graceful shutdown."""
 
     gateway: Gateway
     runner: web.ServerRunner
     addresses: tuple[str, ...]
+    admin: AdminApi | None = None  # the admin API's own listener (admin.listen), if configured
 
     @property
     def port(self) -> int:
@@ -42,12 +44,15 @@ class Listening:
     async def stop(self) -> None:
         self.gateway.draining = True
         await self.runner.cleanup()  # stop accepting; wait for in-flight requests (bounded)
+        if self.admin is not None:
+            await self.admin.stop()
         await self.gateway.close()
 
 
 async def listen(
     settings: Settings, shutdown_timeout: float = SHUTDOWN_TIMEOUT, clock: Clock = time.time
 ) -> Listening:
+    admin = await AdminApi.open(settings)  # a bad tokens file stops start-up before any listener
     gateway = Gateway(settings, clock)
     await gateway.start()
     runner = web.ServerRunner(
@@ -55,13 +60,22 @@ async def listen(
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,
     )
-    await runner.setup()
-    address = settings.server.listen
-    site = web.TCPSite(
-        runner, address.host, address.port, ssl_context=listener_tls(settings), backlog=1024
-    )
-    await site.start()
-    return Listening(gateway, runner, tuple(_address(s.getsockname()) for s in _sockets(site)))
+    try:
+        await runner.setup()
+        address = settings.server.listen
+        site = web.TCPSite(
+            runner, address.host, address.port, ssl_context=listener_tls(settings), backlog=1024
+        )
+        await site.start()
+        if admin is not None:
+            await admin.start(gateway, shutdown_timeout)
+    except BaseException:
+        # A port already taken must not leave stores and threads running behind the error.
+        await runner.cleanup()
+        await gateway.close()
+        raise
+    addresses = tuple(_address(s.getsockname()) for s in _sockets(site))
+    return Listening(gateway, runner, addresses, admin)
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -83,6 +97,7 @@ async def serve(settings: Settings) -> None:
     started = {
         "version": __version__,
         "listen": list(listening.addresses),
+        "admin": list(listening.admin.addresses) if listening.admin else None,
         "routes": len(settings.routes),
         "config": str(settings.source),
     }

@@ -6,7 +6,8 @@ nothing). Its public handle, for listings and logs, is another, short HMAC.
 
 Limits are checked on every request against this process's clock: `sessions.idle_timeout`
 and `max_lifetime`, and shorter per-route ones. Activity is written at most once every
-TOUCH_INTERVAL seconds per session, so idle time is exact to that granularity, and it is
+TOUCH_INTERVAL seconds per session (a quarter of the idle timeout when that is shorter),
+so idle time is exact to that granularity, and it is
 written to a record of its own: a touch never rewrites the session, so a request in flight
 can neither bring back a session that was just ended nor undo a change to its claims.
 
@@ -38,6 +39,9 @@ from gateway.store import SessionStore, StoreUnavailable, Subscription
 log = logging.getLogger("gateway.sessions")
 
 TOUCH_INTERVAL = 5.0  # seconds: activity is written at most this often per session
+# Records outlive the session by this much, so a late request still learns *why* it ended
+# (session-expired) instead of finding nothing; `check` enforces the lifetime itself.
+_EXPIRED_GRACE = 3600.0
 CHANNEL = "gateway:sessions"
 _CACHE_MAX = 100_000  # entries; past it the cache starts over (correct, only slower)
 _HMAC_LABEL = "session-id"
@@ -109,6 +113,7 @@ class Sessions:
         self._listener: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by every invalidation: reads begun before do not cache
         self._touching: set[str] = set()  # sessions whose activity is being written right now
+        self._touch_interval = min(TOUCH_INTERVAL, limits.idle_timeout / 4)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class Sessions:
     async def touch(self, session: Session) -> None:
         """Record activity (an authorized request); written at most every TOUCH_INTERVAL."""
         now = self._clock()
-        if now - session.last_active < TOUCH_INTERVAL or session.key in self._touching:
+        if now - session.last_active < self._touch_interval or session.key in self._touching:
             return
         # Cached first: requests arriving while the write is under way must not write again.
         cached = self._cache.get(session.key)
@@ -367,7 +372,7 @@ class Sessions:
     # -- storage -----------------------------------------------------------------------------
 
     def _ttl(self, session: Session) -> float:
-        return max(session.expires(self.limits) - self._clock(), 1.0)
+        return max(session.expires(self.limits) + _EXPIRED_GRACE - self._clock(), 1.0)
 
     async def _save(self, session: Session) -> None:
         blob = self._sealer.seal("session", session.key, orjson.dumps(asdict(session)))

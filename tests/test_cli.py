@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +68,26 @@ def test_missing_config_file_is_one_clear_line(tmp_path: Path) -> None:
 def test_python_dash_m_and_version() -> None:
     result = gateway("--version")
     assert result.returncode == 0 and result.stdout.startswith("gateway ")
+
+
+def test_run_on_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "gateway.yaml"
+        key = base64.b64encode(os.urandom(32)).decode()
+        path.write_text(
+            f"server: {{listen: 127.0.0.1:{port}, public_url: http://127.0.0.1:{port}}}\n"
+            "identity: {issuer: 'http://127.0.0.1:9', client_id: g, client_secret: s}\n"
+            f"state: {{sessions: 'sqlite:///{tmp_path}/s.db', records: 'memory://',"
+            f" keys: ['{key}']}}\n"
+            "sessions: {cookie_name: gateway}\n"
+            "routes:\n  - {id: app, path: /, upstream: 'http://127.0.0.1:9',"
+            " policy: {allow: [{groups: [x]}]}}\n"
+        )
+        result = gateway("run", "-c", str(path))  # must exit, not hang on a store's thread
+    assert result.returncode == 1
+    assert "cannot serve" in result.stderr and "Traceback" not in result.stderr

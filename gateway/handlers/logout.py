@@ -7,7 +7,7 @@ process, clears the cookie and sends the browser to the IdP's end_session_endpoi
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
@@ -26,11 +26,12 @@ async def logout(request: web.BaseRequest, gateway: GatewayState, request_id: st
             "logout.html",
             request_id,
             secure=auth.cookies.secure,
+            form_targets=_idp_origin(gateway),  # the POST continues at the IdP's end_session
             user=session.user if session else None,
             csrf=auth.csrf_token(session.key) if session else "",
         )
     # SECURITY: a cross-site form cannot sign the user out (or in as someone else).
-    if not auth.same_origin(request.headers.get("Origin")):
+    if not auth.same_origin(request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site")):
         raise BadRequest("this form must be sent from the gateway's own page", reason="bad-origin")
     form = await request.post()
     location = "/"
@@ -43,6 +44,17 @@ async def logout(request: web.BaseRequest, gateway: GatewayState, request_id: st
     response = redirect(location, request_id)
     auth.cookies.clear(response, auth.cookies.session)
     return response
+
+
+def _idp_origin(gateway: GatewayState) -> tuple[str, ...]:
+    auth = gateway.auth
+    if auth is None or not auth.provider.discovered:
+        return ()
+    endpoint = auth.provider.metadata.end_session_endpoint
+    if endpoint is None:
+        return ()
+    parts = urlsplit(endpoint)
+    return (f"{parts.scheme}://{parts.netloc}",)
 
 
 def _end_session_url(gateway: GatewayState, id_token: str | None) -> str | None:

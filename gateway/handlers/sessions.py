@@ -25,7 +25,9 @@ async def my_sessions(
         raise Unauthorized("sign in to see your sessions")
     current = found[1]
     if request.method == "POST":
-        if not auth.same_origin(request.headers.get("Origin")):
+        if not auth.same_origin(
+            request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site")
+        ):
             raise BadRequest(
                 "this form must be sent from the gateway's own page", reason="bad-origin"
             )
