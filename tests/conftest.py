@@ -15,6 +15,10 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway.server import Listening, listen
 from gateway.settings import load_settings
@@ -174,3 +178,59 @@ class GatewayProcess:
         self.proc.stderr.close()
         self.log += [orjson.loads(line) for line in rest.splitlines() if line.startswith("{")]
         return self.proc.wait(timeout=40)
+
+
+# -- session stores: one fixture parametrized over memory, SQLite and Redis ----------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/11"  # this suite's own database, flushed around each test
+
+
+async def redis_admin() -> Redis:
+    """A plain client on the suite's database; skips (or fails in CI) if Redis is not there."""
+    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
+    try:
+        await admin.ping()
+    except (RedisError, OSError) as err:
+        await admin.aclose()
+        if IN_CI:
+            pytest.fail(f"Redis is required in CI ({REDIS_URL}): {err}")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({err}); with CI=true this fails")
+    return admin
+
+
+@pytest.fixture
+async def redis_db() -> AsyncIterator[str]:
+    admin = await redis_admin()
+    await admin.flushdb()
+    yield REDIS_URL
+    await admin.flushdb()
+    await admin.aclose()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The session store URL for `state.sessions`."""
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/sessions.db"
+    else:
+        admin = await redis_admin()
+        await admin.flushdb()
+        yield REDIS_URL
+        await admin.flushdb()
+        await admin.aclose()
+
+
+def assertion_key(tmp: Path) -> Path:
+    """An ES256 key for the identity assertion (configs with Redis sessions need one)."""
+    path = tmp / "assertion-es256.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.write_bytes(pem)
+    path.chmod(0o600)
+    return path

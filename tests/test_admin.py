@@ -26,7 +26,7 @@ from gateway.admin import AdminApi, TokensFileError, parse_tokens, read_tokens
 from gateway.devidp import DevClient, DevIdP, DevUser
 from gateway.server import listen
 from gateway.settings import load_settings
-from tests.conftest import REPO, echo_app, gateway_config, start_server
+from tests.conftest import REPO, assertion_key, echo_app, gateway_config, start_server
 from tests.test_login import HTML, SECRET, Clock, Env, _Events, config, free_port, signed_in
 
 TOKENS = {"read": "auditor-token-1", "operate": "ops-token-2", "admin": "root-token-3"}
@@ -63,7 +63,8 @@ class AdminEnv:
 
 
 @pytest.fixture
-async def admin_env(tmp_path: Path) -> AsyncIterator[AdminEnv]:
+async def admin_env(tmp_path: Path, store: str) -> AsyncIterator[AdminEnv]:
+    """A running gateway with the admin API, on each session store (memory, SQLite, Redis)."""
     clock, port, admin_port = Clock(), free_port(), free_port()
     users = {
         "alice": DevUser("alice", "alice-pw", groups=("sre",)),
@@ -80,6 +81,9 @@ async def admin_env(tmp_path: Path) -> AsyncIterator[AdminEnv]:
     tokens = tokens_file(tmp_path / "admin-tokens")
     settings = config(port, issuer, upstream.url, tmp_path)
     settings["admin"] = {"listen": f"127.0.0.1:{admin_port}", "tokens_file": str(tokens)}
+    settings["state"]["sessions"] = store
+    if store.startswith("redis"):
+        settings["assertion"] = {"signing_key_file": str(assertion_key(tmp_path))}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(settings))
     events: list[dict[str, Any]] = []

@@ -30,8 +30,6 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
@@ -42,11 +40,9 @@ from gateway.server import Listening, listen
 from gateway.sessions import Session
 from gateway.settings import load_settings
 from tests import test_login as login
-from tests.conftest import IN_CI, Server, start_server
+from tests.conftest import IN_CI, Server, assertion_key, start_server
 from tests.test_login import HTML, SECRET, Clock, follow, free_port, signed_in
 
-REDIS_DB = 11
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 WAIT = 5.0  # ceiling of every bounded wait
 JSON = {"Accept": "application/json"}
 IDLE = 15 * 60.0  # sessions.idle_timeout in test_login's config (the default)
@@ -80,46 +76,6 @@ class Env(login.Env):
         return auth
 
 
-# -- redis --------------------------------------------------------------------------------------
-
-
-async def redis_admin() -> Redis:
-    """A plain client on database 11; skips (or fails in CI) if Redis is not there."""
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await admin.ping()
-    except (RedisError, OSError) as err:
-        await admin.aclose()
-        if IN_CI:
-            pytest.fail(f"Redis is required in CI ({REDIS_URL}): {err}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({err}); with CI=true this fails")
-    return admin
-
-
-@pytest.fixture
-async def redis_db() -> AsyncIterator[str]:
-    admin = await redis_admin()
-    await admin.flushdb()
-    yield REDIS_URL
-    await admin.flushdb()
-    await admin.aclose()
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The session store URL for `state.sessions`."""
-    if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/sessions.db"
-    else:
-        admin = await redis_admin()
-        await admin.flushdb()
-        yield REDIS_URL
-        await admin.flushdb()
-        await admin.aclose()
-
-
 # -- the world: IdP, upstream, gateway ------------------------------------------------------------
 
 
@@ -145,19 +101,6 @@ def upstream_app(hits: list[str]) -> web.Application:
 
 
 Tweak = Callable[[dict[str, Any]], None]
-
-
-def assertion_key(tmp: Path) -> Path:
-    path = tmp / "assertion-es256.pem"
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.write_bytes(pem)
-    path.chmod(0o600)
-    return path
 
 
 async def start_env(
