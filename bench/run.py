@@ -719,6 +719,7 @@ RATIOS = [
 @dataclass
 class Results:
     rounds: int
+    revocation: list[str] = field(default_factory=list)  # bench/revocation.py's report lines
     apart: dict[str, list[Measurement | None]] = field(default_factory=dict)  # subject -> rounds
     together: dict[str, list[float | None]] = field(default_factory=dict)  # ratio label -> rounds
 
@@ -987,6 +988,8 @@ def report(
         "",
         *[f"- `{s.name}`: {s.description}; `GET {s.path}`" for s in subjects],
     ]
+    if results.revocation:
+        parts += ["", *results.revocation]
     parts += disturbed(env, subjects, results)
     if failed:
         parts += ["", "Failures:", ""]
@@ -1040,7 +1043,17 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
     log(f"# upstream: nginx on {env.upstream_url} (CPU {env.load_cpu})")
     start_subjects(env, subjects)
     warm_up(env, subjects, args.warmup)
-    return run_rounds(env, subjects, args.rounds, args.duration)
+    results = run_rounds(env, subjects, args.rounds, args.duration)
+    if any(s.name == "session-redis" and not s.error for s in subjects):
+        import revocation  # bench/revocation.py: two processes sharing Redis
+
+        tmp = env.tmp / "revocation"
+        tmp.mkdir()
+        try:
+            results.revocation = revocation.measure(tmp, env.upstream_url).lines()
+        except (OSError, StartError, subprocess.SubprocessError) as error:
+            results.revocation = [f"Revocation latency: not measured ({error})"]
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
