@@ -82,6 +82,8 @@ class Gateway:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = self._request_ids.assign(request.headers.get("X-Request-Id"))
         runtime = self.runtime  # read once: a reload never mixes two configs in one request
+        host: str | None = None
+        target: Target | None = None
         try:
             host, target = locate(
                 request.raw_path, request.headers.getall("Host", []), runtime.routes

@@ -60,6 +60,8 @@ class Cookies:
     def without_ours(self, cookie_header: str) -> str | None:
         """The Cookie header for the upstream: ours removed (None when nothing is left)."""
         # SECURITY: the session id must never reach an upstream (or its logs).
+        if self.session not in cookie_header:  # the login cookie's name contains it too
+            return cookie_header
         kept = [p for p in cookie_header.split(";") if p.split("=", 1)[0].strip() not in self.names]
         joined = ";".join(kept).strip()
         return joined or None

@@ -244,10 +244,12 @@ class Proxy:
         named = _connection_tokens(request.headers)
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
-            key = name.lower()
-            if key in HOP_BY_HOP or key in named or _forgeable(key):
+            verdict = _VERDICTS.get(name)
+            if verdict is None:
+                verdict = _verdict(name)
+            if verdict is _DROP or (named and name.lower() in named):
                 continue
-            if key == "cookie" and self._cookies is not None:
+            if verdict is _COOKIE and self._cookies is not None:
                 value = self._cookies.without_ours(value)  # type: ignore[assignment]
                 if value is None:
                     continue
@@ -408,16 +410,33 @@ def _cookie_name(set_cookie: str) -> str:
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
-    return (
-        frozenset(t.strip().lower() for v in values for t in v.split(","))
-        if values
-        else frozenset()
-    )
+    if not values or (len(values) == 1 and values[0].lower() in ("keep-alive", "close")):
+        return _NOTHING  # the usual case: it names only hop-by-hop headers anyway
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
+
+_NOTHING: frozenset[str] = frozenset()
 
 
 def _forgeable(key: str) -> bool:
     key = key.replace("_", "-")
     return key in _FORGEABLE or key.startswith(_FORGEABLE_PREFIXES)
+
+
+# What to do with a request header, by its name as sent: decided once per spelling.
+_KEEP, _DROP, _COOKIE = object(), object(), object()
+_VERDICTS: dict[str, object] = {}
+
+
+def _verdict(name: str) -> object:
+    key = name.lower()
+    if key in HOP_BY_HOP or _forgeable(key):
+        verdict = _DROP
+    else:
+        verdict = _COOKIE if key == "cookie" else _KEEP
+    if len(_VERDICTS) < 4096:  # header names are few; never let a client grow this unbounded
+        _VERDICTS[name] = verdict
+    return verdict
 
 
 def _upstream_error(exc: BaseException, fwd: Forward) -> Exception:

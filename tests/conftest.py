@@ -104,7 +104,10 @@ def get(target: str, host: str = "gw.test", extra: str = "") -> bytes:
 
 
 def echo_app() -> web.Application:
-    """An upstream that answers with what it received: the raw path and the headers."""
+    """An upstream that answers with what it received: the raw path and the headers.
+
+    `?set-cookie=a,b` makes it set cookies of those names too.
+    """
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
@@ -114,7 +117,10 @@ def echo_app() -> web.Application:
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_length": len(body),
         }
-        return web.Response(body=orjson.dumps(seen), content_type="application/json")
+        response = web.Response(body=orjson.dumps(seen), content_type="application/json")
+        for name in filter(None, request.query.get("set-cookie", "").split(",")):
+            response.set_cookie(name, "from-upstream")  # ?set-cookie=a,b: the upstream sets these
+        return response
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)

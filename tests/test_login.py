@@ -87,6 +87,7 @@ def config(port: int, idp: str, upstream: str, tmp: Path, **sessions: Any) -> di
             "client_id": "gateway",
             "client_secret": SECRET,
             "scopes": ["openid", "email", "groups"],
+            "api_audiences": ["reports-api"],
         },
         "state": {"sessions": "memory://", "records": "memory://", "keys": [key]},
         "sessions": {"cookie_name": "gateway", **sessions},
@@ -382,3 +383,50 @@ async def test_two_session_cookies_are_refused(env: Env) -> None:
         resp = await client.get(env.base + "/app/x", headers={"Cookie": "gateway=a; gateway=b"})
         assert resp.status == 400
         assert (await resp.json())["reason"] == "bad-cookie"
+
+
+async def test_the_upstream_cannot_set_the_gateways_cookies(env: Env) -> None:
+    browser = await signed_in(env)
+    resp = await browser.get(
+        env.base + "/app/x?set-cookie=gateway,gateway-login,theirs", headers=HTML
+    )
+    assert resp.status == 200
+    names = [c.split("=", 1)[0] for c in resp.headers.getall("Set-Cookie", [])]
+    assert names == ["theirs"]
+    again = await browser.get(env.base + "/app/y", headers=HTML, allow_redirects=False)
+    assert again.status == 200  # the session cookie was not overwritten
+
+
+def bearer(env: Env, audience: str, signing: str = "rs256", **claims: Any) -> str:
+    now = int(env.clock.now)
+    body = {
+        "iss": env.idp.issuer,
+        "aud": audience,
+        "sub": "svc-1",
+        "azp": "reporting-job",
+        "iat": now,
+        "exp": now + 300,
+        **claims,
+    }
+    header = {"alg": "none"} if signing == "none" else {"alg": "RS256", "kid": env.idp.current_kid}
+    return env.idp.mint_token(header, body, signing)  # type: ignore[arg-type]
+
+
+async def test_service_clients_use_bearer_tokens(env: Env) -> None:
+    async with aiohttp.ClientSession() as client:
+        good = {"Authorization": f"Bearer {bearer(env, 'reports-api')}"}
+        resp = await client.get(env.base + "/app/report", headers=good)
+        assert resp.status == 200
+        assert orjson.loads(await resp.read())["raw_path"] == "/app/report"
+        for token in (
+            bearer(env, "gateway"),
+            bearer(env, "reports-api", "none"),
+            bearer(env, "reports-api", exp=int(env.clock.now) - 3600),
+            "garbage",
+        ):
+            resp = await client.get(
+                env.base + "/app/report", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert resp.status == 401
+            assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+            assert (await resp.json())["reason"] == "bad-token"
