@@ -124,7 +124,7 @@ class Gateway:
         session = caller.session
         if session is None:
             return None
-        if not runtime.idle_ignore.matches(target.match):
+        if auth.sessions.touch_due(session) and not runtime.idle_ignore.matches(target.match):
             await auth.sessions.touch(session)
         return stream_guard(auth, session, route)
 

@@ -40,15 +40,16 @@ async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller
     cookie_id = auth.cookies.session_id(request.headers.getall("Cookie", []))
     if cookie_id is None:
         raise Unauthorized("sign-in required")
+    sessions = auth.sessions
     try:
-        session = await auth.sessions.check(
-            await auth.sessions.load(cookie_id),
-            idle_timeout=route.idle_timeout,
-            max_lifetime=route.max_lifetime,
-        )
+        session = await sessions.load(cookie_id)
+        limits = {"idle_timeout": route.idle_timeout, "max_lifetime": route.max_lifetime}
+        if not sessions.within_limits(session, **limits):  # rare: then re-read, or end it
+            session = await sessions.check(session, **limits)
     except SessionInvalid as invalid:
         raise Unauthorized("your session has ended; sign in again", reason=invalid.reason) from None
-    session = await auth.refresh_if_due(session)
+    if session.refresh_after is not None and auth.clock() >= session.refresh_after:
+        session = await auth.refresh_if_due(session)
     return Caller(session.user, session.sub, session.groups, session)
 
 

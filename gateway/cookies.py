@@ -10,6 +10,7 @@ subdomain ever receives or can overwrite it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -24,10 +25,12 @@ class Cookies:
         self.secure = secure
         self._max_age = int(max_age)
         self.names = frozenset({self.session, self.login})
+        # One cookie pair `name=value` of ours, at the start or after a ';' (on every request).
+        self._session_pair = re.compile(rf"(?:^|;)\s*{re.escape(name)}=\s*\"?([^;\"]*)")
 
     def session_id(self, headers: Iterable[str]) -> str | None:
         """The session cookie's value from the request's Cookie headers; 400 if sent twice."""
-        values = [v for n, v in _pairs(headers) if n == self.session]
+        values = [v for header in headers for v in self._session_pair.findall(header)]
         if len(values) > 1:
             # SECURITY: two of our cookies (one planted by a sibling host) is cookie tossing.
             raise BadRequest("two session cookies were sent", reason="bad-cookie")

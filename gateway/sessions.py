@@ -248,6 +248,8 @@ class Sessions:
         Going past the global limits ends the session; past only a route's shorter ones, it
         is refused there and lives on for other routes.
         """
+        if self.within_limits(session, idle_timeout=idle_timeout, max_lifetime=max_lifetime):
+            return session
         now = self._clock()
         if now >= session.created + self.limits.max_lifetime:
             await self.end(session.key, "session-expired")
@@ -261,8 +263,30 @@ class Sessions:
         if max_lifetime is not None and now >= session.created + max_lifetime:
             raise SessionInvalid("session-expired")
         if idle_timeout is not None and now >= session.last_active + idle_timeout:
-            raise SessionInvalid("session-idle")
+            fresh = await self._read(session.key)  # activity seen by another process counts
+            if fresh is None or now >= fresh.last_active + idle_timeout:
+                raise SessionInvalid("session-idle")
+            session = fresh
         return session
+
+    def within_limits(
+        self,
+        session: Session,
+        *,
+        idle_timeout: float | None = None,
+        max_lifetime: float | None = None,
+    ) -> bool:
+        """True when no limit has been reached: the common case, decided without any I/O."""
+        now = self._clock()
+        idle = self.limits.idle_timeout if idle_timeout is None else idle_timeout
+        life = self.limits.max_lifetime if max_lifetime is None else max_lifetime
+        return now < session.last_active + min(
+            idle, self.limits.idle_timeout
+        ) and now < session.created + min(life, self.limits.max_lifetime)
+
+    def touch_due(self, session: Session) -> bool:
+        """Whether this request's activity should be written (cheap; no I/O)."""
+        return self._clock() - session.last_active >= self._touch_interval
 
     async def touch(self, session: Session) -> None:
         """Record activity (an authorized request); written at most every TOUCH_INTERVAL."""
