@@ -174,7 +174,18 @@ class Auth:
         if lock is None:
             return session  # another process or request is refreshing it right now
         try:
-            return await self._refresh(session)
+            # Under the lock, the stored session is the truth: a request that loaded this copy
+            # before another one refreshed it must not spend the rotated refresh token again.
+            try:
+                current = await self.sessions.reload(session.key)
+            except SessionInvalid as invalid:
+                raise Unauthorized(
+                    "your session has ended; sign in again", reason=invalid.reason
+                ) from None
+            due = current.refresh_after is not None and self.clock() >= current.refresh_after
+            if not due or current.refresh_token is None:
+                return current
+            return await self._refresh(current)
         finally:
             await self.store.release(f"refresh:{session.key}", lock)
 

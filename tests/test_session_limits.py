@@ -756,3 +756,19 @@ async def test_a_redis_restart_fails_closed_and_recovers(
         assert await outcome(env, revoked, "/app/r2") == "session-revoked"  # stays ended
     finally:
         await stop_env(env)
+
+
+async def test_a_stale_copy_at_refresh_time_does_not_refresh_again(launch: Launch) -> None:
+    """A request that loaded the session before another request refreshed it must not refresh
+    again with the rotated (now spent) refresh token: that would end the session. Found by
+    the benchmark, where requests in flight during a refresh ended it."""
+    env = await launch()
+    alice = await signed_in(env)
+    env.clock.now += REFRESH_DUE
+    [stale] = await sessions_of(env, "alice")
+    assert await outcome(env, alice, "/app/refreshes") == "ok"  # this request refreshed
+    auth = env.gateway.gateway.auth
+    assert auth is not None
+    current = await auth.refresh_if_due(stale)  # the request that was in flight meanwhile
+    assert current.refresh_token != stale.refresh_token
+    assert await outcome(env, alice, "/app/after") == "ok"
