@@ -191,16 +191,16 @@ class GatewayProcess:
 REDIS_URL = "redis://127.0.0.1:6379/11"  # this suite's own database, flushed around each test
 
 
-async def redis_admin() -> Redis:
-    """A plain client on the suite's database; skips (or fails in CI) if Redis is not there."""
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
+async def redis_admin(url: str = REDIS_URL) -> Redis:
+    """A plain client on a test database; skips (or fails in CI) if Redis is not there."""
+    admin = Redis.from_url(url, socket_connect_timeout=1.0)
     try:
         await admin.ping()
     except (RedisError, OSError) as err:
         await admin.aclose()
         if IN_CI:
-            pytest.fail(f"Redis is required in CI ({REDIS_URL}): {err}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({err}); with CI=true this fails")
+            pytest.fail(f"Redis is required in CI ({url}): {err}")
+        pytest.skip(f"Redis is not reachable at {url} ({err}); with CI=true this fails")
     return admin
 
 

@@ -27,7 +27,7 @@ from gateway.store import SessionStore, StoreUnavailable, open_session_store
 from gateway.store import redis as redis_store
 from gateway.store.redis import RedisStore, RedisTarget, parse_redis_url
 from gateway.store.sqlite import sqlite_path
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, redis_admin
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 WAIT = 5.0  # ceiling of every bounded wait
@@ -81,22 +81,9 @@ class Harness:
         return time.monotonic() - start
 
 
-async def redis_admin() -> Redis:
-    """A plain client on database 13; skips (or fails in CI) if Redis is not there."""
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await admin.ping()
-    except (RedisError, OSError) as err:
-        await admin.aclose()
-        if IN_CI:
-            pytest.fail(f"Redis is required in CI ({REDIS_URL}): {err}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({err}); with CI=true this fails")
-    return admin
-
-
 @pytest.fixture
 async def admin() -> AsyncIterator[Redis]:
-    client = await redis_admin()
+    client = await redis_admin(REDIS_URL)
     await client.flushdb()
     yield client
     await client.flushdb()
@@ -106,7 +93,7 @@ async def admin() -> AsyncIterator[Redis]:
 async def _harness(name: str, tmp_path: Path) -> tuple[Harness, Redis | None]:
     clock = Clock()
     url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}.get(name, REDIS_URL)
-    admin = await redis_admin() if name == "redis" else None
+    admin = await redis_admin(REDIS_URL) if name == "redis" else None
     if admin is not None:
         await admin.flushdb()
     first = await open_session_store(url, clock=clock)

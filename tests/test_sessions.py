@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gateway.keyring import Keyring
 from gateway.sessions import TOUCH_INTERVAL, Limits, Session, SessionInvalid, Sessions
@@ -40,7 +39,7 @@ from gateway.store import (
     open_session_store,
 )
 from gateway.store import redis as redis_store
-from tests.conftest import IN_CI
+from tests.conftest import redis_admin
 
 REDIS_DB = 12
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -197,22 +196,9 @@ async def wait_for(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
-async def redis_admin() -> Redis:
-    """A plain client on database 12; skips (or fails in CI) if Redis is not there."""
-    admin = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await admin.ping()
-    except (RedisError, OSError) as err:
-        await admin.aclose()
-        if IN_CI:
-            pytest.fail(f"Redis is required in CI ({REDIS_URL}): {err}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL} ({err}); with CI=true this fails")
-    return admin
-
-
 @contextlib.asynccontextmanager
 async def opened(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
-    admin = await redis_admin() if name == "redis" else None
+    admin = await redis_admin(REDIS_URL) if name == "redis" else None
     if admin is not None:
         await admin.flushdb()
     url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/state.db"}.get(name, REDIS_URL)
