@@ -13,9 +13,8 @@ read < operate < admin. USER in a path or `?user=` is the user_claim value (any 
 `ISS|SUB`; a value naming two identities with sessions is refused (409).
 
     TokensFileError       the tokens file cannot be read, or a line of it is malformed
-    GatewayError          (gateway.errors) answered as JSON with the request id, and:
-    ├── Forbidden    403  insufficient-role
-    └── Conflict     409  ambiguous-user
+    GatewayError          (gateway.errors) answered as JSON with the request id; here
+                          mostly Unauthorized 401, Forbidden 403, Conflict 409
 """
 
 from __future__ import annotations
@@ -35,7 +34,15 @@ from urllib.parse import parse_qs, unquote
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+)
 from gateway.events import Event, emit
 from gateway.handlers import health
 from gateway.pages import json_response
@@ -57,16 +64,6 @@ _REVOKED = "admin-revoked"  # the reason recorded when an admin call ends a sess
 
 class TokensFileError(Exception):
     """`admin.tokens_file` is unusable; the message names the file (and line) and the fix."""
-
-
-class Forbidden(GatewayError):
-    status = 403
-    reason = "insufficient-role"
-
-
-class Conflict(GatewayError):
-    status = 409
-    reason = "ambiguous-user"
 
 
 # -- tokens ------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@
     │                            login-failed, handoff-invalid, bad-origin, bad-csrf
     ├── Unauthorized        401  no-session, session-idle, session-expired, session-revoked,
     │                            bad-token
+    ├── Forbidden           403  insufficient-role (admin API)
     ├── NotFound            404  no-route, no-endpoint
     ├── MethodNotAllowed    405  method-not-allowed
+    ├── Conflict            409  ambiguous-user (admin API)
     ├── MisdirectedRequest  421  bad-host (a Host we do not serve, or an absolute-form target)
     ├── BadGateway          502  upstream-unreachable, upstream-tls, upstream-error
     ├── ServiceUnavailable  503  idp-unavailable, store-unavailable
@@ -40,6 +42,11 @@ class Unauthorized(GatewayError):
     reason = "no-session"
 
 
+class Forbidden(GatewayError):
+    status = 403
+    reason = "insufficient-role"
+
+
 class NotFound(GatewayError):
     status = 404
     reason = "no-route"
@@ -48,6 +55,11 @@ class NotFound(GatewayError):
 class MethodNotAllowed(GatewayError):
     status = 405
     reason = "method-not-allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    reason = "ambiguous-user"
 
 
 class MisdirectedRequest(GatewayError):

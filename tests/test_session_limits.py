@@ -772,3 +772,17 @@ async def test_a_stale_copy_at_refresh_time_does_not_refresh_again(launch: Launc
     current = await auth.refresh_if_due(stale)  # the request that was in flight meanwhile
     assert current.refresh_token != stale.refresh_token
     assert await outcome(env, alice, "/app/after") == "ok"
+
+
+def no_api_audiences(config: dict[str, Any]) -> None:
+    config["identity"].pop("api_audiences", None)
+
+
+async def test_without_api_audiences_no_bearer_token_is_accepted(launch: Launch) -> None:
+    env = await launch(tweak=no_api_audiences)
+    token = login.bearer(env, "reports-api")  # well signed, for an audience no config names
+    async with aiohttp.ClientSession() as client:
+        resp = await client.get(env.base + "/app/x", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401
+        assert (await resp.json())["reason"] == "bad-token"
+    assert "/app/x" not in env.hits  # never reached the upstream
