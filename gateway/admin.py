@@ -160,6 +160,7 @@ class Call:
     token: AdminToken
     params: tuple[str, ...]
     facts: dict[str, object] = field(default_factory=dict)
+    admin: AdminApi | None = None  # the listener itself (its tokens file is re-read on reload)
 
 
 Handler = Callable[[Call], Awaitable[web.Response]]
@@ -264,12 +265,29 @@ async def revoke_user(call: Call) -> web.Response:
     return json_response({"user": user, "revoked": ended}, call.request_id)
 
 
+async def reload(call: Call) -> web.Response:
+    prepared = await call.gateway.reload(actor=call.token.name)
+    if call.admin is not None:
+        await call.admin.reload_tokens()  # TokensFileError: a 500 here, the old tokens stay
+    runtime = call.gateway.runtime
+    call.facts["policy_hash"] = runtime.policies.hash
+    payload: dict[str, object] = {
+        "reloaded": prepared.ok,
+        "policy_hash": runtime.policies.hash,
+        "errors": list(prepared.errors),
+        "gained": [{"user": c.user, "route": c.route} for c in prepared.gained],
+        "lost": [{"user": c.user, "route": c.route} for c in prepared.lost],
+    }
+    return json_response(payload, call.request_id, status=200 if prepared.ok else 422)
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", ("healthz",), "read", "healthz", healthz),
     Endpoint("GET", ("readyz",), "read", "readyz", readyz),
     Endpoint("GET", ("sessions",), "read", "sessions_listed", list_sessions),
     Endpoint("DELETE", ("sessions", None), "operate", "session_ended", end_session),
     Endpoint("POST", ("users", None, "revoke"), "operate", "user_revoked", revoke_user),
+    Endpoint("POST", ("reload",), "operate", "reloaded", reload),
 )
 
 
@@ -405,7 +423,7 @@ class AdminApi:
                 raise resolved.error
             assert resolved.endpoint is not None and self._gateway is not None
             authorize(token, resolved.endpoint)
-            call = Call(request, self._gateway, request_id, token, resolved.params)
+            call = Call(request, self._gateway, request_id, token, resolved.params, admin=self)
             response = await resolved.endpoint.handler(call)
             error = None
         except GatewayError as refused:

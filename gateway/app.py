@@ -5,10 +5,11 @@
     3 own endpoints  /.gateway/* answered here, before routing, on every served host
     4 route          host + longest path prefix -> Route, or 404
     5 caller         session cookie or bearer token (caller.identify); none: login or 401
-    6 authorize      (policy issue) evaluate(facts, route) -> Decision; until then any caller
-                     with a valid session or bearer token is let in
+                     (a CORS preflight skips 5-6 on routes with cors_preflight: pass)
+    6 authorize      policy.evaluate(facts, route) -> Decision, default deny (access.admit);
+                     denied: 403; auth-too-old: login again with max_age
     7 audit          (audit issue) the decision record
-    8 forward        proxy.forward: streaming, WebSockets, X-Forwarded-*
+    8 forward        proxy.forward: streaming, WebSockets, X-Forwarded-*, identity (§7)
     errors anywhere: GatewayError -> a page or JSON with status, reason and request id
 
 `Gateway.handle` is served by aiohttp's low-level `web.Server`: no URL
@@ -19,23 +20,37 @@ pipeline below is the only router, and bench/ measured the difference
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 
+from gateway.access import Admission, Ask, Reauthenticate, admit, passes_preflight
 from gateway.auth import Auth
-from gateway.caller import identify, stream_guard
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, Unauthorized
-from gateway.handlers import backchannel, callback, handoff, health, login, logout, sessions
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, TooManyRequests, Unauthorized
+from gateway.handlers import (
+    backchannel,
+    callback,
+    forwardauth,
+    handoff,
+    health,
+    jwks,
+    login,
+    logout,
+    sessions,
+)
 from gateway.pages import error_response, redirect, wants_html
 from gateway.paths import Target
-from gateway.proxy import Forward, Guard, Proxy
+from gateway.policy import Identity
+from gateway.proxy import Forward, Proxy
+from gateway.ratelimit import RateLimiter
+from gateway.reload import Prepared, announce, prepare
 from gateway.requestid import RequestIds
 from gateway.routing import locate
 from gateway.runtime import Runtime
 from gateway.sessions import Clock
-from gateway.settings import Route, Settings
+from gateway.settings import RateLimits, Route, Settings
 from gateway.types import Endpoint
 
 log = logging.getLogger("gateway.app")
@@ -54,6 +69,14 @@ ENDPOINTS: dict[str, tuple[frozenset[str], Endpoint]] = {
     "/.gateway/logout": (GET_POST, logout.logout),
     "/.gateway/backchannel-logout": (POST, backchannel.backchannel_logout),
     "/.gateway/sessions": (GET_POST, sessions.my_sessions),
+    "/.gateway/jwks.json": (GET, jwks.jwks),
+    "/.gateway/auth": (GET, forwardauth.forward_auth),
+}
+# Endpoints an attacker would hammer (SPEC §12): rate_limits names their buckets.
+LIMITED = {
+    "/.gateway/login": "login",
+    "/.gateway/callback": "callback",
+    "/.gateway/backchannel-logout": "backchannel_logout",
 }
 
 
@@ -66,12 +89,42 @@ class Gateway:
         self._clock = clock  # injectable: tests move time instead of waiting for it
         self._proxy = Proxy(scheme="https" if settings.server.tls else "http")
         self._request_ids = RequestIds()
+        self._limiters = _limiters(settings.rate_limits)
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
         self.auth = await Auth.open(self._settings, clock=self._clock)
         if self.auth is not None:
             self._proxy = Proxy(self._proxy.scheme, self.auth.cookies)
         await self._proxy.start()
+
+    async def reload(self, actor: str = "signal") -> Prepared:
+        """Re-read the config file; apply it if valid (routes, policies: see gateway.reload)."""
+        async with self._reloading:  # two reloads at once would diff against a stale table
+            before = self.runtime
+            identities = await self._identities()
+            prepared = await prepare(before, identities)
+            if prepared.runtime is not None:
+                self.apply(prepared.runtime)
+            announce(before, prepared, actor)
+            return prepared
+
+    def apply(self, runtime: Runtime) -> None:
+        """Swap in a new Runtime: one assignment, so each request sees one config or the other."""
+        if runtime.settings.rate_limits != self.runtime.settings.rate_limits:
+            self._limiters = _limiters(runtime.settings.rate_limits)
+        if self.auth is not None:
+            self.auth.settings = runtime.settings  # login's rd checks follow the route hosts
+        self.runtime = runtime
+
+    async def _identities(self) -> list[Identity]:
+        """The identities with live sessions: whose access a reload changes."""
+        if self.auth is None:
+            return []
+        latest = {s.identity: s for s in await self.auth.sessions.listing()}
+        return [
+            Identity(s.user, s.email, s.email_verified, s.groups, None) for s in latest.values()
+        ]
 
     async def close(self) -> None:
         self.draining = True
@@ -89,19 +142,22 @@ class Gateway:
                 request.raw_path, request.headers.getall("Host", []), runtime.routes
             )
             if target.match.startswith("/.gateway/"):
-                return await self._own_endpoint(request, target.match, request_id)
+                return await self._own_endpoint(request, target.match, request_id, runtime)
             route = runtime.routes.match(host, target.match)
             if route is None:
                 raise NotFound("no route serves this address")
             addresses = runtime.trusted.resolve(
                 request.remote or "", request.headers.getall("X-Forwarded-For", [])
             )
-            guard = None
-            if not route.public:
-                guard = await self._admit(request, route, target, runtime)
-            forward = Forward(
-                runtime.upstreams[route.id], target, host, addresses, request_id, guard
-            )
+            upstream = runtime.upstreams[route.id]
+            if route.public or passes_preflight(request.method, request.headers, route):
+                forward = Forward(upstream, target, host, addresses, request_id)
+            else:
+                ask = Ask(request.method, host, target.match, addresses.client, request_id)
+                a = await self.admit(request, route, ask, runtime)
+                forward = Forward(
+                    upstream, target, host, addresses, request_id, a.guard, a.identity
+                )
             return await self._proxy.forward(request, forward)
         except Unauthorized as error:
             return self._sign_in(request, error, host, target, request_id, runtime)
@@ -113,20 +169,14 @@ class Gateway:
                 request, GatewayError("internal error"), request_id, runtime.secure
             )
 
-    async def _admit(
-        self, request: web.BaseRequest, route: Route, target: Target, runtime: Runtime
-    ) -> Guard | None:
-        """Stages 5 and 6: identify the caller and let them in; the stream guard for sessions."""
+    async def admit(
+        self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime
+    ) -> Admission:
+        """Stages 5 and 6 (proxy mode here, forward-auth in handlers/forwardauth)."""
         auth = self.auth
         assert auth is not None  # settings refuse protected routes without an identity provider
-        caller = await identify(auth, request, route)
-        # 6 authorize: the policy issue puts evaluate(facts, route) here; default deny then.
-        session = caller.session
-        if session is None:
-            return None
-        if auth.sessions.touch_due(session) and not runtime.idle_ignore.matches(target.match):
-            await auth.sessions.touch(session)
-        return stream_guard(auth, session, route)
+        policy = runtime.policies[route.id]
+        return await admit(auth, policy, runtime.idle_ignore, request, route, ask)
 
     def _sign_in(
         self,
@@ -139,21 +189,19 @@ class Gateway:
     ) -> web.Response:
         """No usable identity: browsers go to the login, other clients get a 401."""
         browser = request.method in ("GET", "HEAD") and wants_html(request)
+        max_age = error.max_age if isinstance(error, Reauthenticate) else None
         if browser and self.auth is not None and host is not None and target is not None:
             public = runtime.settings.server.public_url
             port = "" if public.port in (80, 443) else f":{public.port}"
             query = f"?{target.query}" if target.query else ""
             rd = f"{public.scheme}://{host}{port}{target.path}{query}"
-            return redirect(self.auth.login_url(rd), request_id)
+            return redirect(self.auth.login_url(rd, max_age), request_id)
         response = error_response(request, error, request_id, runtime.secure)
-        challenge = 'Bearer realm="access-gateway"'
-        if error.reason == "bad-token":
-            challenge += ', error="invalid_token"'
-        response.headers["WWW-Authenticate"] = challenge
+        response.headers["WWW-Authenticate"] = challenge(error.reason, max_age)
         return response
 
     async def _own_endpoint(
-        self, request: web.BaseRequest, path: str, request_id: str
+        self, request: web.BaseRequest, path: str, request_id: str, runtime: Runtime
     ) -> web.StreamResponse:
         # SECURITY: /.gateway/* is never proxied, so no upstream can shadow the gateway's endpoints.
         found = ENDPOINTS.get(path)
@@ -162,4 +210,30 @@ class Gateway:
         methods, endpoint = found
         if request.method not in methods:
             raise MethodNotAllowed(f"this endpoint answers {', '.join(sorted(methods))}")
+        limiter = self._limiters.get(path)
+        if limiter is not None:
+            client = runtime.trusted.resolve(
+                request.remote or "", request.headers.getall("X-Forwarded-For", [])
+            ).client
+            wait = limiter.acquire(client)
+            if wait:
+                # SECURITY: login floods, state-cookie churn and logout-token guessing, per address.
+                raise TooManyRequests("too many requests; try again shortly", retry_after=wait)
         return await endpoint(request, self, request_id)
+
+
+def challenge(reason: str, max_age: float | None = None) -> str:
+    """WWW-Authenticate for a client that cannot follow a login redirect (RFC 6750, RFC 9470)."""
+    value = 'Bearer realm="access-gateway"'
+    if reason == "bad-token":
+        value += ', error="invalid_token"'
+    elif max_age is not None:
+        value += f', error="insufficient_user_authentication", max_age={int(max_age)}'
+    return value
+
+
+def _limiters(limits: RateLimits) -> dict[str, RateLimiter]:
+    return {
+        path: RateLimiter(getattr(limits, name).count, getattr(limits, name).window)
+        for path, name in LIMITED.items()
+    }

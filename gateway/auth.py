@@ -21,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from gateway.assertion import AssertionKeys, Assertions
 from gateway.cookies import Cookies
 from gateway.errors import Unauthorized
 from gateway.events import Event, emit
@@ -78,8 +79,10 @@ class Auth:
         keyring: Keyring,
         http: aiohttp.ClientSession,
         clock: Clock,
+        assertions: Assertions,
     ) -> None:
-        self.settings = settings
+        self.settings = settings  # replaced by a reload (only routes and policies may change)
+        self.assertions = assertions  # X-Gateway-Assertion and /.gateway/jwks.json
         self.provider = provider
         self.sessions = sessions
         self.store = store
@@ -93,6 +96,10 @@ class Auth:
             max_age=settings.sessions.max_lifetime,
         )
         self.redirect_uri = self.public_url + "/.gateway/callback"
+        identity = settings.identity
+        assert identity is not None
+        self.groups_claim = identity.groups_claim
+        self.mfa_amr = frozenset(identity.mfa_amr)  # amr values that count as a second factor
         self._http = http
         self._login_sealer = keyring.sealer("login-state")
         self._handoff_sealer = keyring.sealer("handoff")
@@ -105,6 +112,10 @@ class Auth:
         identity = settings.identity
         if identity is None or not settings.protected_routes:
             return None
+        keys = AssertionKeys.load(settings)  # KeyFileError before anything is opened
+        assertions = Assertions(
+            keys, str(settings.server.public_url).rstrip("/"), settings.assertion.ttl, clock
+        )
         store = await open_session_store(settings.state.sessions, clock=clock)
         keyring = Keyring(settings.state.key_bytes)
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
@@ -125,7 +136,7 @@ class Auth:
         )
         sessions = Sessions(store, keyring, limits, clock=clock)
         await sessions.start()
-        auth = cls(settings, provider, sessions, store, keyring, http, clock)
+        auth = cls(settings, provider, sessions, store, keyring, http, clock, assertions)
         await auth.discover()  # an IdP that is down now is retried on demand
         return auth
 
@@ -215,6 +226,11 @@ class Auth:
             session,
             groups=_strings(groups) if _strings(groups) is not None else session.groups,
             email=email if isinstance(email, str) else session.email,
+            email_verified=(
+                claims["email_verified"] is True
+                if "email_verified" in claims
+                else session.email_verified and email in (None, session.email)
+            ),
             id_token=tokens.id_token or session.id_token,
             refresh_token=tokens.refresh_token or session.refresh_token,
             refresh_after=_renew_at(self.clock(), claims.get("exp"), tokens.expires_in),
@@ -258,8 +274,9 @@ class Auth:
         }
         return origin in {f"{public.scheme}://{host}{port}" for host in hosts}
 
-    def login_url(self, rd: str) -> str:
-        return f"{self.public_url}/.gateway/login?rd={quote(rd, safe='')}"
+    def login_url(self, rd: str, max_age: float | None = None) -> str:
+        url = f"{self.public_url}/.gateway/login?rd={quote(rd, safe='')}"
+        return url if max_age is None else f"{url}&max_age={int(max_age)}"
 
     # -- login state -------------------------------------------------------------------------
 

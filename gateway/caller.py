@@ -31,6 +31,24 @@ class Caller:
     groups: tuple[str, ...]
     session: Session | None  # None for a service client's bearer token
     client: str | None = None  # the service client (azp / client_id) of a bearer token
+    email: str | None = None
+    email_verified: bool = False
+    amr: tuple[str, ...] = ()
+    auth_time: float | None = None
+
+    @classmethod
+    def of(cls, session: Session) -> Caller:
+        return cls(
+            session.user,
+            session.sub,
+            session.groups,
+            session,
+            None,
+            session.email,
+            session.email_verified,
+            session.amr,
+            session.auth_time,
+        )
 
 
 async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller:
@@ -43,14 +61,15 @@ async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller
     sessions = auth.sessions
     try:
         session = await sessions.load(cookie_id)
-        limits = {"idle_timeout": route.idle_timeout, "max_lifetime": route.max_lifetime}
-        if not sessions.within_limits(session, **limits):  # rare: then re-read, or end it
-            session = await sessions.check(session, **limits)
+        idle, life = route.idle_timeout, route.max_lifetime
+        if not sessions.within_limits(session, idle_timeout=idle, max_lifetime=life):
+            # rare: then re-read, or end it
+            session = await sessions.check(session, idle_timeout=idle, max_lifetime=life)
     except SessionInvalid as invalid:
         raise Unauthorized("your session has ended; sign in again", reason=invalid.reason) from None
     if session.refresh_after is not None and auth.clock() >= session.refresh_after:
         session = await auth.refresh_if_due(session)
-    return Caller(session.user, session.sub, session.groups, session)
+    return Caller.of(session)
 
 
 async def _bearer(auth: Auth, token: str) -> Caller:
@@ -61,10 +80,22 @@ async def _bearer(auth: Auth, token: str) -> Caller:
         identity = await auth.provider.validate_bearer(token)
     except TokenRejected:
         raise Unauthorized("the bearer token was not accepted", reason="bad-token") from None
-    groups = identity.claims.get("groups", [])
-    valid_groups = isinstance(groups, list) and all(isinstance(g, str) for g in groups)
+    claims = identity.claims
+    groups = claims.get(auth.groups_claim, [])
+    # SECURITY: a string where a list belongs ("admins") is a bad token, not a list of letters.
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise Unauthorized("the bearer token's groups are malformed", reason="bad-token")
+    email, amr, auth_time = claims.get("email"), claims.get("amr"), claims.get("auth_time")
     return Caller(
-        identity.sub, identity.sub, tuple(groups) if valid_groups else (), None, identity.client
+        identity.sub,
+        identity.sub,
+        tuple(groups),
+        None,
+        identity.client,
+        email if isinstance(email, str) and email else None,
+        claims.get("email_verified") is True,
+        tuple(a for a in amr if isinstance(a, str)) if isinstance(amr, list) else (),
+        float(auth_time) if isinstance(auth_time, int | float) else None,
     )
 
 

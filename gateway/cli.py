@@ -33,6 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and summarize it")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.set_defaults(func=_check_config)
+    explain = commands.add_parser(
+        "explain",
+        help="would this request be allowed? (nothing is started or contacted)",
+        description="Prints ALLOW or DENY, the reason and the route; exit 0 ALLOW, 1 DENY. "
+        "Assumed unless given: the email is the user when it contains '@', verified; "
+        "signed in just now; no second factor; no client address.",
+    )
+    explain.add_argument("-c", "--config", required=True, metavar="FILE")
+    explain.add_argument("--user", required=True, metavar="U", help="the user_claim value")
+    explain.add_argument("--groups", default="", metavar="A,B", help="the caller's groups")
+    explain.add_argument("--mfa", action="store_true", help="the session has a second factor")
+    explain.add_argument(
+        "--ip", metavar="A", help="the client address; without it no source_ips rule can hold"
+    )
+    explain.add_argument("--client", metavar="C", help="a service client's id (a bearer token)")
+    explain.add_argument("--email", metavar="E", help="default: the user, if it contains '@'")
+    explain.add_argument("method", metavar="METHOD")
+    explain.add_argument("url", metavar="URL", help="/path (on public_url's host) or a full URL")
+    explain.set_defaults(func=_explain)
     sessions = commands.add_parser(
         "sessions", help="list or end sessions, through the running gateway's admin API"
     )
@@ -44,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every session")
     sessions.add_argument("--json", action="store_true", help="list as JSON")
     sessions.set_defaults(func=_sessions)
+    keys = commands.add_parser("keys", help="make the assertion and audit signing keys")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("dir", metavar="DIR", help="where to write them (made 0700 if missing)")
+    keys.set_defaults(func=_keys)
     demo = commands.add_parser(
         "demo", help="a dev IdP, a sample app and the gateway, on loopback (Ctrl-C stops)"
     )
@@ -74,9 +97,41 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway.explain import Question, explain
+    from gateway.settings import ConfigError, load_settings
+
+    try:
+        question = Question.parse(
+            args.method,
+            args.url,
+            args.user,
+            groups=args.groups,
+            mfa=args.mfa,
+            ip=args.ip,
+            client=args.client,
+            email=args.email,
+        )
+    except ValueError as err:
+        return _usage(str(err))
+    try:
+        settings = load_settings(args.config)
+        answer = explain(settings, question, time.time())
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as err:  # a policy that does not compile (the same rule twice)
+        return _usage(f"{args.config}: {err}")
+    print(answer.text())
+    return 0 if answer.allowed else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     from gateway.admin import TokensFileError
     from gateway.events import configure_logging
+    from gateway.keyfiles import KeyFileError
     from gateway.server import new_event_loop, serve
     from gateway.settings import ConfigError, load_settings
 
@@ -95,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as err:  # the port is taken, a TLS file is unreadable, ...
         print(f"gateway: cannot serve: {err}", file=sys.stderr)
         return 1
-    except TokensFileError as err:  # admin.tokens_file: FILE:LINE: what is wrong
+    except (TokensFileError, KeyFileError) as err:  # FILE[:LINE]: what is wrong
         print(f"gateway: {err}", file=sys.stderr)
         return EXIT_USAGE
     finally:
@@ -127,6 +182,20 @@ def _demo(args: argparse.Namespace) -> int:
         whoami_port=args.whoami_port,
     )
     return demo.main(options)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.keyfiles import KeyFileError, generate
+
+    try:
+        written = generate(Path(args.dir))
+    except KeyFileError as err:
+        return _usage(str(err))
+    for key in written:
+        print(key.describe())
+    return 0
 
 
 def _sessions(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ subdomain ever receives or can overwrite it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
@@ -28,9 +28,12 @@ class Cookies:
         # One cookie pair `name=value` of ours, at the start or after a ';' (on every request).
         self._session_pair = re.compile(rf"(?:^|;)\s*{re.escape(name)}=\s*\"?([^;\"]*)")
 
-    def session_id(self, headers: Iterable[str]) -> str | None:
+    def session_id(self, headers: Sequence[str]) -> str | None:
         """The session cookie's value from the request's Cookie headers; 400 if sent twice."""
-        values = [v for header in headers for v in self._session_pair.findall(header)]
+        if len(headers) == 1:  # the common case, without the nested loop
+            values = self._session_pair.findall(headers[0])
+        else:
+            values = [v for header in headers for v in self._session_pair.findall(header)]
         if len(values) > 1:
             # SECURITY: two of our cookies (one planted by a sibling host) is cookie tossing.
             raise BadRequest("two session cookies were sent", reason="bad-cookie")

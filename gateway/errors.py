@@ -5,11 +5,13 @@
     │                            login-failed, handoff-invalid, bad-origin, bad-csrf
     ├── Unauthorized        401  no-session, session-idle, session-expired, session-revoked,
     │                            bad-token
-    ├── Forbidden           403  insufficient-role (admin API)
+    ├── Forbidden           403  insufficient-role (admin API), not-trusted (forward-auth)
+    │   └── Denied          403  a policy decision: no-allow-rule, denied-by:…, mfa-required
     ├── NotFound            404  no-route, no-endpoint
     ├── MethodNotAllowed    405  method-not-allowed
     ├── Conflict            409  ambiguous-user (admin API)
     ├── MisdirectedRequest  421  bad-host (a Host we do not serve, or an absolute-form target)
+    ├── TooManyRequests     429  rate-limited (.retry_after seconds)
     ├── BadGateway          502  upstream-unreachable, upstream-tls, upstream-error
     ├── ServiceUnavailable  503  idp-unavailable, store-unavailable
     └── GatewayTimeout      504  upstream-timeout
@@ -47,6 +49,15 @@ class Forbidden(GatewayError):
     reason = "insufficient-role"
 
 
+class Denied(Forbidden):
+    """The route's policy said no; the page names the user and what was asked, never the rules."""
+
+    def __init__(self, detail: str, *, reason: str, user: str, asked: str) -> None:
+        super().__init__(detail, reason=reason)
+        self.user = user
+        self.asked = asked  # "GET app.example.org/admin"
+
+
 class NotFound(GatewayError):
     status = 404
     reason = "no-route"
@@ -65,6 +76,15 @@ class Conflict(GatewayError):
 class MisdirectedRequest(GatewayError):
     status = 421
     reason = "bad-host"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    reason = "rate-limited"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class BadGateway(GatewayError):

@@ -6,13 +6,14 @@ carry the request id and the stable reason code, never a traceback.
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 
 import jinja2
 import orjson
 from aiohttp import web
 
-from gateway.errors import GatewayError
+from gateway.errors import Denied, GatewayError, TooManyRequests
 
 _templates = jinja2.Environment(
     loader=jinja2.PackageLoader("gateway", "templates"),
@@ -42,6 +43,9 @@ def error_response(
     headers = {**PAGE_HEADERS, "X-Request-Id": request_id}
     if secure:
         headers["Strict-Transport-Security"] = "max-age=31536000"
+    if isinstance(error, TooManyRequests):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    denied = error if isinstance(error, Denied) else None
     if wants_html(request):
         body = _templates.get_template("error.html").render(
             status=error.status,
@@ -49,6 +53,8 @@ def error_response(
             detail=error.detail,
             reason=error.reason,
             request_id=request_id,
+            user=denied.user if denied else None,
+            asked=denied.asked if denied else None,
         )
         return web.Response(
             status=error.status, text=body, content_type="text/html", headers=headers
@@ -59,6 +65,8 @@ def error_response(
         "detail": error.detail,
         "request_id": request_id,
     }
+    if denied is not None:
+        payload["user"] = denied.user
     return web.Response(
         status=error.status,
         body=orjson.dumps(payload),

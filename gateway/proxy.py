@@ -158,6 +158,7 @@ class Forward:
     request_id: str
     # Returns when a long-lived stream (WebSocket) must close: its session ended or went idle.
     guard: Guard | None = None
+    identity: tuple[tuple[str, str], ...] = ()  # X-Auth-Request-*, X-Gateway-Assertion (§7)
 
 
 class Proxy:
@@ -259,6 +260,8 @@ class Proxy:
         headers["X-Forwarded-Proto"] = self._proto(request, fwd)
         headers["X-Forwarded-Host"] = fwd.host
         headers["X-Request-Id"] = fwd.request_id
+        for name, value in fwd.identity:  # after filtering: only the gateway's own copies remain
+            headers[name] = value
         return headers
 
     def _proto(self, request: web.BaseRequest, fwd: Forward) -> str:

@@ -2,9 +2,9 @@
 
 `Runtime.build(settings)` turns validated settings into what each request
 needs: the route table, each route's upstream (TLS contexts built once), the
-trusted proxies. A request reads the current Runtime once and uses it to the
-end, so a reload (which swaps the whole object) never mixes two configs in
-one request.
+trusted proxies, every protected route's compiled policy. A request reads
+the current Runtime once and uses it to the end, so a reload (which swaps
+the whole object) never mixes two configs in one request.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from gateway.addresses import TrustedProxies
 from gateway.globs import GlobSet
+from gateway.policy import PolicySet, compile_policies
 from gateway.proxy import Upstream, compile_upstream, upstream_tls_context
 from gateway.routing import RouteTable
 from gateway.settings import Route, Settings
@@ -30,6 +31,7 @@ class Runtime:
     trusted: TrustedProxies
     secure: bool  # users reach us over https (public_url): HSTS on our pages
     idle_ignore: GlobSet  # requests that never count as session activity
+    policies: PolicySet  # route id -> compiled policy, for every protected route; .hash
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -43,6 +45,7 @@ class Runtime:
             trusted=TrustedProxies(server.trusted_proxies),
             secure=server.public_url.scheme == "https",
             idle_ignore=GlobSet(settings.sessions.idle_ignore_paths),
+            policies=compile_policies(settings),
         )
 
 

@@ -1,7 +1,8 @@
 """The serving process: listener (TLS optional), signals, graceful shutdown.
 
 SIGTERM or SIGINT: stop accepting, let in-flight requests finish for up to
-SHUTDOWN_TIMEOUT seconds, close upstream connections, exit 0.
+SHUTDOWN_TIMEOUT seconds, close upstream connections, exit 0. SIGHUP: reload
+the config file's routes and policies and the admin tokens (gateway.reload).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import __version__
-from gateway.admin import AdminApi
+from gateway.admin import AdminApi, TokensFileError
 from gateway.app import Gateway
 from gateway.events import Event, emit
 from gateway.sessions import Clock
@@ -40,6 +41,16 @@ class Listening:
     @property
     def port(self) -> int:
         return int(self.addresses[0].rsplit(":", 1)[1])
+
+    async def reload(self, actor: str = "signal") -> bool:
+        """SIGHUP: the config file's routes and policies, and the admin tokens file."""
+        prepared = await self.gateway.reload(actor)
+        if self.admin is not None:
+            try:
+                await self.admin.reload_tokens()
+            except (OSError, TokensFileError) as err:  # the tokens in use stay
+                log.error("admin tokens not reloaded: %s", err)
+        return prepared.ok
 
     async def stop(self) -> None:
         self.gateway.draining = True
@@ -106,6 +117,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(listening.reload(), name="gateway:reload")
+        reloads.add(task)  # a reference until done (no fire-and-forget)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await stop.wait()
         emit(Event("server.stopping", {"grace_seconds": SHUTDOWN_TIMEOUT}))

@@ -80,6 +80,7 @@ class Session:
     refresh_token: str | None = field(default=None, repr=False)
     refresh_after: float | None = None  # renew claims from then on (before the ID token expires)
     version: int = 1  # bumped whenever claims change (assertions are cached per version)
+    email_verified: bool = False  # the IdP said email_verified: true
 
     @property
     def identity(self) -> str:
@@ -108,6 +109,7 @@ class Sessions:
         self.limits = limits
         self._clock = clock
         self._cache: dict[str, Session] = {}
+        self._key_of: dict[str, str] = {}  # cookie id -> store key, for cached sessions only
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._subscription: Subscription | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -139,6 +141,7 @@ class Sessions:
     def _resubscribed(self) -> None:
         """On every (re)subscribe: announcements may have been missed, so forget and re-check."""
         self._cache.clear()
+        self._key_of.clear()
         self._generation += 1
         for events in self._watchers.values():
             for event in events:
@@ -179,6 +182,7 @@ class Sessions:
         id_token: str | None,
         refresh_token: str | None,
         refresh_after: float | None,
+        email_verified: bool = False,
     ) -> tuple[str, Session]:
         """A new session under a new random id; (the cookie id, the session)."""
         cookie_id = secrets.token_urlsafe(32)  # 256 bits
@@ -200,6 +204,7 @@ class Sessions:
             id_token,
             refresh_token,
             refresh_after,
+            email_verified=email_verified,
         )
         await self._save(session)
         ttl = self.limits.max_lifetime
@@ -218,9 +223,17 @@ class Sessions:
         if not self.connected:
             # SECURITY: while revocations cannot reach us, no session is trusted (fail closed).
             raise StoreUnavailable("session revocations are not reaching this process")
+        known = self._key_of.get(cookie_id)  # the MAC computed once per session, not per request
+        if known is not None and (session := self._cache.get(known)) is not None:
+            return session
         for key in self.keys_for(cookie_id):
             session = self._cache.get(key) or await self._read(key)
             if session is not None:
+                if len(self._key_of) >= _CACHE_MAX:
+                    self._key_of.clear()
+                self._key_of[cookie_id] = (
+                    key  # SECURITY: only ids of real sessions: no growth by guessing
+                )
                 return session
         for key in self.keys_for(cookie_id):
             if await self._store.get("revoked", key) is not None:

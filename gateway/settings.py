@@ -222,6 +222,19 @@ def _plugin_option(key: str, value: object, base: object) -> object:
     return value
 
 
+class RateLimit(_Model):
+    count: int = Field(ge=1)
+    window: Duration = Field(gt=0)
+
+
+class RateLimits(_Model):
+    """Per client address (IPv6 per /64) and per process; beyond them, 429 with Retry-After."""
+
+    login: RateLimit = RateLimit(count=30, window=60.0)
+    callback: RateLimit = RateLimit(count=30, window=60.0)
+    backchannel_logout: RateLimit = RateLimit(count=120, window=60.0)
+
+
 class BreakGlass(_Model):
     accounts_file: FilePath | None = None
     max_duration: Duration = 3600.0
@@ -296,6 +309,7 @@ class Settings(_Model):
     alerts: Alerts = Field(default_factory=Alerts)
     plugins: tuple[Plugin, ...] = ()
     break_glass: BreakGlass = Field(default_factory=BreakGlass)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
     routes: tuple[Route, ...] = ()
 
     _source: Path = PrivateAttr(default=Path("<settings>"))
@@ -371,13 +385,19 @@ def _check_route(s: Settings, i: int, route: Route) -> Iterator[Problem]:
 
 
 def _check_rule_ids(i: int, route: Route) -> Iterator[Problem]:
+    """Every rule's id (given, or its content hash) is unique in its list: reasons name one rule."""
+    from gateway.policy import rule_id  # the policy module builds on these models
+
     for kind in ("allow", "deny"):
         rules: tuple[Rule, ...] = getattr(route.policy, kind, ())
-        ids = [rule.id for rule in rules]
-        for k, rule_id in enumerate(ids):
-            if rule_id is not None and rule_id in ids[:k]:
-                loc = ("routes", i, "policy", kind, k, "id")
-                yield Problem(f"{dotted(loc)}: duplicate rule id {rule_id!r}", (loc,))
+        ids = [rule_id(route.id, kind, rule) for rule in rules]
+        for k, this in enumerate(ids):
+            if this in ids[:k]:
+                first = ids.index(this)
+                loc = ("routes", i, "policy", kind, k)
+                what = "id" if rules[k].id is not None else "conditions"
+                message = f"{dotted(loc)}: same {what} as {kind}[{first}] ({this})"
+                yield Problem(message, ((*loc, "id") if rules[k].id else loc,))
 
 
 def _check_protection(s: Settings) -> Iterator[Problem]:

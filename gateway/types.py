@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.access import Admission, Ask
     from gateway.auth import Auth
+    from gateway.reload import Prepared
     from gateway.runtime import Runtime
+    from gateway.settings import Route
 
 
 class GatewayState(Protocol):
@@ -23,6 +26,12 @@ class GatewayState(Protocol):
 
     @property
     def auth(self) -> Auth | None: ...  # None when every route is public
+
+    async def admit(
+        self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime
+    ) -> Admission: ...  # stages 5 and 6 of the pipeline, for forward-auth
+
+    async def reload(self, actor: str = "signal") -> Prepared: ...  # SIGHUP, POST /reload
 
 
 # A /.gateway/* endpoint: (request, the gateway, request id) -> response.

@@ -79,7 +79,9 @@ class _Events(logging.Handler):
 
 def config(port: int, idp: str, upstream: str, tmp: Path, **sessions: Any) -> dict[str, Any]:
     key = base64.b64encode(os.urandom(32)).decode()
-    policy = {"allow": [{"groups": ["sre", "finance", "engineering"]}]}
+    policy = {
+        "allow": [{"groups": ["sre", "finance", "engineering"]}, {"clients": ["reporting-job"]}]
+    }
     return {
         "server": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
         "identity": {

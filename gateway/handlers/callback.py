@@ -125,6 +125,7 @@ async def _start_session(
         sub=claims["sub"],
         user=user,
         email=_opt(claims.get("email")),
+        email_verified=claims.get("email_verified") is True,
         groups=groups,
         amr=amr if isinstance(amr, list) else [],
         sid=_opt(claims.get("sid")),

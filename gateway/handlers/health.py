@@ -24,5 +24,6 @@ async def readyz(request: web.BaseRequest, gateway: GatewayState, request_id: st
         "status": "ready" if ready else "unavailable",
         "checks": checks,
         "routes": len(gateway.runtime.settings.routes),
+        "policy_hash": gateway.runtime.policies.hash,
     }
     return json_response(payload, request_id, status=200 if ready else 503)

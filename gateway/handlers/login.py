@@ -1,7 +1,10 @@
-"""`GET /.gateway/login?rd=URL`: start the OIDC authorization code flow (SPEC §5).
+"""`GET /.gateway/login?rd=URL[&max_age=S]`: start the OIDC authorization code flow (SPEC §5).
 
 A browser that already has a valid session is not sent to the IdP again: it goes straight
-to `rd`, through the handoff when `rd` is on another route host.
+to `rd`, through the handoff when `rd` is on another route host. `max_age` (a route's
+`max_auth_age`, sent by the pipeline on `auth-too-old`) forces a fresh login at the IdP
+(`prompt=login`, `max_age`), and the callback checks the returned `auth_time` again, since
+an IdP may ignore the prompt.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ async def after_login(auth: Auth, cookie_id: str, rd: str, request_id: str) -> w
 async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str) -> web.Response:
     auth = need_auth(gateway)
     rd = redirect_target(auth, request.query.get("rd"))
+    max_age = _max_age(request.query.get("max_age"))
+    forced = request.query.get("prompt") == "login" or max_age is not None
     cookie_id = auth.cookies.session_id(request.headers.getall("Cookie", []))
-    if cookie_id is not None and request.query.get("prompt") != "login":
+    if cookie_id is not None and not forced:
         try:
             await auth.sessions.check(await auth.sessions.load(cookie_id))
             return await after_login(auth, cookie_id, rd, request_id)
@@ -57,7 +62,12 @@ async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str
     if not await auth.discover():
         raise ServiceUnavailable("the identity provider cannot be reached; try again shortly")
     state = LoginState(
-        secrets.token_urlsafe(32), secrets.token_urlsafe(32), Pkce.new().verifier, rd, auth.clock()
+        secrets.token_urlsafe(32),
+        secrets.token_urlsafe(32),
+        Pkce.new().verifier,
+        rd,
+        auth.clock(),
+        max_age=max_age,
     )
     pkce = Pkce.from_verifier(state.verifier)
     location = auth.provider.authorization_url(
@@ -65,11 +75,19 @@ async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str
         state=state.state,
         nonce=state.nonce,
         pkce=pkce,
-        prompt=_prompt(auth, forced_login=request.query.get("prompt") == "login"),
+        prompt=_prompt(auth, forced_login=forced),
+        max_age=int(max_age) if max_age is not None else None,
     )
     response = redirect(location, request_id)
     auth.cookies.set_login(response, auth.seal_login(state))
     return response
+
+
+def _max_age(value: str | None) -> float | None:
+    """A whole number of seconds, or None (anything else is ignored: it only ever asks for more)."""
+    if value is None or not value.isdigit() or len(value) > 9:
+        return None
+    return float(value)
 
 
 def _prompt(auth: Auth, *, forced_login: bool) -> str | None:

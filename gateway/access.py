@@ -1,0 +1,189 @@
+"""Stages 5 and 6 for one protected request: who asks, may they, and what the upstream is told.
+
+    admit(auth, policy, request, route, ask) -> Admission
+        identify      caller.identify: a session cookie or a bearer token (else Unauthorized)
+        evaluate      policy.evaluate(facts, route policy) -> Decision (default deny)
+        refused       Denied (403), or Reauthenticate (auth-too-old: log in again, max_age)
+        activity      an allowed request outside idle_ignore_paths counts (touch)
+        identity      X-Auth-Request-User/-Email/-Groups and X-Gateway-Assertion (SPEC §7)
+
+Proxy mode (gateway.app) and forward-auth (/.gateway/auth) both go through `admit`, so the
+two can never decide differently. `Ask` is what is being asked for: in proxy mode the
+request itself; in forward-auth mode the request nginx or Traefik describes.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.auth import Auth
+from gateway.caller import Caller, identify, stream_guard
+from gateway.errors import Denied, Unauthorized
+from gateway.events import Event, emit
+from gateway.globs import GlobSet
+from gateway.policy import Decision, Facts, RoutePolicy, evaluate
+from gateway.proxy import Guard
+from gateway.settings import Route
+
+log = logging.getLogger("gateway.access")
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """The request a decision is about."""
+
+    method: str
+    host: str
+    path: str  # canonical, decoded (paths.Target.match)
+    client_ip: str  # the client address trusted_proxies resolved
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    caller: Caller
+    decision: Decision  # allowed (or would-deny, in report mode)
+    identity: tuple[tuple[str, str], ...]  # headers for the upstream
+    guard: Guard | None  # closes a WebSocket when the session ends
+
+
+class Reauthenticate(Unauthorized):
+    """The IdP's login is older than the route's max_auth_age: log in again (SPEC §3)."""
+
+    reason = "auth-too-old"
+
+    def __init__(self, max_age: float) -> None:
+        super().__init__("this page needs a recent sign-in; sign in again")
+        self.max_age = max_age
+
+
+async def admit(
+    auth: Auth,
+    policy: RoutePolicy,
+    idle_ignore: GlobSet,
+    request: web.BaseRequest,
+    route: Route,
+    ask: Ask,
+) -> Admission:
+    caller = await identify(auth, request, route)
+    decision = evaluate(facts(auth, caller, ask), policy)
+    if not decision.allowed:
+        _refuse(caller, decision, policy, ask)
+    if decision.would_deny:
+        _log_decision("access.would_deny", caller, decision, ask)
+    session = caller.session
+    guard = None
+    if session is not None:
+        if auth.sessions.touch_due(session) and not idle_ignore.matches(ask.path):
+            await auth.sessions.touch(session)
+        guard = stream_guard(auth, session, route)
+    return Admission(caller, decision, identity_headers(auth, caller, route.id), guard)
+
+
+def passes_preflight(method: str, headers: Mapping[str, str], route: Route) -> bool:
+    """A CORS preflight on a route that passes them (SPEC §4.4): no credentials, no policy."""
+    if route.cors_preflight != "pass" or method != "OPTIONS":
+        return False
+    # SECURITY: only a true preflight: anything carrying credentials goes through the policy.
+    return (
+        "Access-Control-Request-Method" in headers
+        and "Cookie" not in headers
+        and "Authorization" not in headers
+    )
+
+
+def facts(auth: Auth, caller: Caller, ask: Ask) -> Facts:
+    return Facts(
+        user=caller.user,
+        email=caller.email,
+        email_verified=caller.email_verified,
+        groups=caller.groups,
+        client=caller.client,
+        mfa=not auth.mfa_amr.isdisjoint(caller.amr),
+        auth_time=caller.auth_time,
+        method=ask.method,
+        path=ask.path,
+        source_ip=_ip(ask.client_ip),
+        now=auth.clock(),
+    )
+
+
+def _refuse(caller: Caller, decision: Decision, policy: RoutePolicy, ask: Ask) -> None:
+    _log_decision("access.denied", caller, decision, ask)
+    max_age = policy.max_auth_age
+    # A browser can log in again at the IdP; a bearer token cannot, so it is simply denied.
+    if decision.reason == "auth-too-old" and max_age is not None and caller.session is not None:
+        raise Reauthenticate(max_age)
+    detail = {
+        "mfa-required": "this page needs a second factor, which this sign-in did not include",
+        "auth-too-old": "this page needs a recent sign-in",
+    }.get(decision.reason, "you do not have access to this page")
+    # SECURITY: the reason code and the request only; never the rules (what would pass).
+    asked = f"{ask.method} {ask.host}{ask.path}"
+    raise Denied(detail, reason=decision.reason, user=caller.user, asked=asked)
+
+
+def _log_decision(name: str, caller: Caller, decision: Decision, ask: Ask) -> None:
+    fields = {
+        "user": caller.user,
+        "sub": caller.sub,
+        "session": caller.session.handle if caller.session else None,
+        "client": caller.client,
+        "method": ask.method,
+        "host": ask.host,
+        "path": ask.path,
+        "client_ip": ask.client_ip,
+        "reason": decision.reason,
+        "policy_hash": decision.policy_hash,
+        "request_id": ask.request_id,
+    }
+    emit(Event(name, fields))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None  # a unix-socket peer: no source_ips rule can hold
+
+
+# -- identity sent upstream (SPEC §7) ----------------------------------------------------------
+
+
+def identity_headers(auth: Auth, caller: Caller, route_id: str) -> tuple[tuple[str, str], ...]:
+    session = caller.session
+    assertion = auth.assertions.issue(
+        session_key=session.key if session else None,
+        route_id=route_id,
+        version=session.version if session else 0,
+        sub=caller.sub,
+        user=caller.user,
+        email=caller.email,
+        groups=caller.groups,
+        amr=caller.amr,
+    )
+    headers = [("X-Auth-Request-User", header_value(caller.user))]
+    if caller.email:
+        headers.append(("X-Auth-Request-Email", header_value(caller.email)))
+    headers.append(("X-Auth-Request-Groups", ",".join(header_value(g) for g in caller.groups)))
+    headers.append(("X-Gateway-Assertion", assertion))
+    return tuple(headers)
+
+
+_UNSAFE = re.compile(r"[^\x20-\x24\x26-\x2b\x2d-\x7e]")  # printable ASCII but '%' and ','
+
+
+def header_value(text: str) -> str:
+    """`text` for a header value: '%', ',' and anything not printable ASCII percent-encoded."""
+    # SECURITY: a claim with CR/LF must not add headers; a group with ',' must not become two.
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), text)
