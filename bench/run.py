@@ -438,10 +438,23 @@ class LoggedInSubject(GatewaySubject):
     issues the login once at start; wrk then sends the session cookie with every request.
     """
 
-    def __init__(self, name: str, description: str, store: str) -> None:
-        super().__init__(name, description)
+    def __init__(self, name: str, description: str, store: str, routes: int = 0) -> None:
+        super().__init__(name, description, routes)
         self.store = store
         self.idp_port = 0
+        self.gateway_port = 0  # where the gateway listens: self.port unless a proxy is in front
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}/.gateway/healthz"
+
+    def server_extra(self) -> str:
+        """More `server:` keys (a leading ", "), for subclasses."""
+        return ""
+
+    def more_routes(self, env: Env) -> list[str]:
+        """Route lines after the protected `/`, for subclasses."""
+        return []
 
     def config(self, env: Env) -> str:
         audit = env.tmp / self.name / "audit"
@@ -449,8 +462,10 @@ class LoggedInSubject(GatewaySubject):
         store = self.store.replace("{tmp}", str(env.tmp / self.name))
         key = base64.b64encode(os.urandom(32)).decode()
         signing_key = assertion_key(env.tmp / self.name)
+        port = self.gateway_port
         lines = [
-            f"server: {{listen: 127.0.0.1:{self.port}, public_url: http://127.0.0.1:{self.port}}}",
+            f"server: {{listen: 127.0.0.1:{port}, public_url: http://127.0.0.1:{port}"
+            f"{self.server_extra()}}}",
             f"identity: {{issuer: http://127.0.0.1:{self.idp_port}, client_id: gateway, "
             f"client_secret: {BENCH_CLIENT_SECRET}}}",
             f'state: {{sessions: "{store}", records: "memory://", keys: ["{key}"]}}',
@@ -460,12 +475,14 @@ class LoggedInSubject(GatewaySubject):
             "routes:",
             f"  - {{id: bench, path: /, upstream: {json.dumps(env.upstream_url)}, "
             "policy: {allow: [{groups: [bench]}]}}",
+            *self.more_routes(env),
         ]
         return "\n".join(lines) + "\n"
 
     def start(self, env: Env) -> None:
         self.port, self.idp_port = free_port(), free_port()
-        redirect = f"http://127.0.0.1:{self.port}/.gateway/callback"
+        self.gateway_port = self.port
+        redirect = f"http://127.0.0.1:{self.gateway_port}/.gateway/callback"
         script = BENCH_DIR / "devidp_server.py"
         idp = [
             sys.executable,
@@ -482,8 +499,156 @@ class LoggedInSubject(GatewaySubject):
     def wait_ready(self) -> None:
         assert self.server is not None
         wait_ready(self.server, self.health_url, self.ready_timeout)
-        self.headers = {"Cookie": f"gateway={login(self.port)}"}
+        self.headers = {"Cookie": f"gateway={login(self.gateway_port)}"}
         check_response(self.url, self.headers)
+
+
+# Ten allow rules per route for the policy subjects: nine the bench user (bench@example.org,
+# group bench, GET from 127.0.0.1) fails, each on a different kind of condition, then the one it
+# passes, which gives every kind of condition; so each request tries all ten rules.
+POLICY_RULES = [
+    "{{groups: [team-{i}, team-{i}-admins]}}",
+    "{{users: [user-{i}@example.org, svc-{i}]}}",
+    "{{groups: [bench], methods: [POST, PUT, DELETE]}}",
+    '{{groups: [bench], paths: ["/admin/**", "/r{i}-private/*"]}}',
+    "{{groups: [bench], source_ips: [10.{a}.{b}.0/24, 192.168.{b}.0/24, fd00::/8]}}",
+    "{{email_domains: [example-{i}.org, corp.example.net]}}",
+    "{{groups_not: [bench, staff], methods: [GET]}}",
+    '{{users: [bench@example.org], paths: ["/x/*/edit", "/x/**/secret"], methods: [GET]}}',
+    "{{clients: [robot-{i}], groups: [bench]}}",
+    '{{groups: [ops, bench], methods: [GET, HEAD], paths: ["/**"], source_ips: [127.0.0.0/8]}}',
+]
+
+
+class PolicySubject(LoggedInSubject):
+    """Logged in (SQLite sessions), with `routes` protected routes `/r{i}` of ten rules each."""
+
+    def more_routes(self, env: Env) -> list[str]:
+        up = json.dumps(env.upstream_url)
+        lines = []
+        for i in range(self.routes):
+            fill = {"i": i, "a": i // 256 % 256, "b": i % 256}
+            rules = ", ".join(rule.format(**fill) for rule in POLICY_RULES)
+            lines.append(
+                f"  - {{id: r{i}, path: /r{i}, upstream: {up}, policy: {{allow: [{rules}]}}}}"
+            )
+        return lines
+
+
+class ForwardAuthSubject(LoggedInSubject):
+    """nginx (1 worker) with `auth_request` to a logged-in gateway's `/.gateway/auth`, then
+    `proxy_pass` to the upstream with the identity headers the gateway answered with.
+
+    Both processes run on the subject CPU and both are charged: CPU per request is nginx's plus
+    the gateway's. wrk talks to nginx (self.port); the gateway listens on self.gateway_port.
+    """
+
+    IDENTITY = {  # the gateway's answer header -> the nginx variable holding it
+        "X-Auth-Request-User": "auth_user",
+        "X-Auth-Request-Email": "auth_email",
+        "X-Auth-Request-Groups": "auth_groups",
+        "X-Gateway-Assertion": "auth_assertion",
+        "X-Request-Id": "auth_request_id",
+    }
+
+    def __init__(self, name: str, description: str, store: str) -> None:
+        super().__init__(name, description, store)
+        self.nginx: Server | None = None
+
+    def server_extra(self) -> str:
+        return ", trusted_proxies: [127.0.0.1/32]"
+
+    def start(self, env: Env) -> None:
+        super().start(env)  # the IdP and the gateway (self.gateway_port)
+        self.port = free_port()
+        sets = "\n".join(
+            f"            auth_request_set ${var} $upstream_http_{upstream_var(header)};"
+            for header, var in self.IDENTITY.items()
+        )
+        passes = "\n".join(
+            f"            proxy_set_header {header} ${var};"
+            for header, var in self.IDENTITY.items()
+        )
+        body = f"""    upstream backend {{
+        server 127.0.0.1:{env.upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    upstream gateway {{
+        server 127.0.0.1:{self.gateway_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port} backlog=4096;
+        location = /_gateway_auth {{
+            internal;
+            proxy_pass http://gateway/.gateway/auth;
+            proxy_http_version 1.1;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Method $request_method;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-Uri $request_uri;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+        location / {{
+            auth_request /_gateway_auth;
+{sets}
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+{passes}
+        }}
+    }}"""
+        self.nginx = start_nginx(env, f"{self.name}-nginx", body, env.subject_cpu)
+
+    def wait_ready(self) -> None:
+        assert self.server is not None and self.nginx is not None
+        wait_ready(self.server, self.health_url, self.ready_timeout)
+        self.headers = {"Cookie": f"gateway={login(self.gateway_port)}"}
+        # The gateway's own answer: 200 with the bench user's identity and an assertion.
+        asked = {
+            **self.headers,
+            "X-Forwarded-Method": "GET",
+            "X-Forwarded-Host": "127.0.0.1",
+            "X-Forwarded-Uri": self.path,
+        }
+        auth = f"http://127.0.0.1:{self.gateway_port}/.gateway/auth"
+        with HTTP.open(urllib.request.Request(auth, headers=asked), timeout=5) as answer:
+            user = answer.headers.get("X-Auth-Request-User")
+            signed = answer.headers.get("X-Gateway-Assertion")
+        if user != "bench@example.org" or not signed:
+            raise StartError(f"/.gateway/auth answered user {user!r}, assertion {bool(signed)}")
+        wait_for_port(self.port, self.ready_timeout)
+        if not self.nginx.alive():
+            raise StartError(f"nginx exited:\n{self.log_tail()}")
+        status = http_get(self.url)[0]  # without the cookie: the gateway's 401, passed on
+        if status != 401:
+            raise StartError(f"GET {self.url} without a session gave {status}, expected 401")
+        check_response(self.url, self.headers)
+
+    def pids(self) -> list[int]:
+        return [server.pid for server in (self.server, self.nginx) if server is not None]
+
+    def alive(self) -> bool:
+        return super().alive() and self.nginx is not None and self.nginx.alive()
+
+    def log_tail(self) -> str:
+        nginx = self.nginx.log_tail() if self.nginx else ""
+        error_log = ""
+        if self.nginx:
+            with contextlib.suppress(OSError):
+                path = self.nginx.log_path.parent / self.nginx.name / "error.log"
+                error_log = "\n".join(path.read_text(errors="replace").splitlines()[-10:])
+        return "\n".join(filter(None, [super().log_tail(), nginx, error_log]))
+
+
+def upstream_var(header: str) -> str:
+    """nginx's name for a response header in `$upstream_http_...`."""
+    return header.lower().replace("-", "_")
 
 
 def assertion_key(directory: Path) -> Path:
@@ -571,6 +736,24 @@ def build_subjects() -> list[Subject]:
             "session-redis",
             "gateway, protected route, logged in, Redis sessions",
             "redis://127.0.0.1:6379/10",
+        ),
+        PolicySubject(
+            "policy-10-routes",
+            "like session-sqlite, plus 10 protected routes of 10 allow rules (the last matches)",
+            "sqlite:///{tmp}/state.db",
+            routes=10,
+        ),
+        PolicySubject(
+            "policy-1000-routes",
+            "like session-sqlite, plus 1,000 protected routes of 10 allow rules (the last matches)",
+            "sqlite:///{tmp}/state.db",
+            routes=1000,
+        ),
+        ForwardAuthSubject(
+            "forward-auth",
+            "nginx auth_request -> gateway /.gateway/auth (logged in, SQLite sessions), "
+            "then proxy_pass; CPU of nginx + gateway",
+            "sqlite:///{tmp}/state.db",
         ),
     ]
 
@@ -697,22 +880,28 @@ class Ratio:
     numerator: str
     denominator: str
     target: float | None  # PASS when the ratio is <= target; None = for reference only
-    added_us: float | None = None  # or PASS when (ratio - 1) x denominator's µs <= this
+    show_added: bool = False  # also show (ratio - 1) x the denominator's µs: the µs added
 
     @property
     def decides(self) -> bool:
-        return self.target is not None or self.added_us is not None
+        return self.target is not None
 
 
 RATIOS = [
     Ratio("gateway ÷ aiohttp-min", "gateway", "aiohttp-min", 1.10),
     Ratio("gateway-10k-routes ÷ gateway-10-routes", "gateway-10k-routes", "gateway-10-routes", 1.1),
-    # The identity issue's targets are absolute: a session lookup adds at most 15 µs (SQLite)
-    # and 25 µs (Redis) per request; shown as µs added over the public route, from the ratio.
-    Ratio("session-sqlite ÷ gateway", "session-sqlite", "gateway", None, added_us=15.0),
-    Ratio("session-redis ÷ gateway", "session-redis", "gateway", None, added_us=25.0),
+    # The authorization issue's: the whole protected path (session, policy, identity headers,
+    # assertion) at most 1.3x the public route. The µs it adds are shown too; the identity
+    # issue's targets for the session lookup alone (15 µs SQLite, 25 µs Redis) are decided by
+    # bench/lookup.py (below the table), which measures the lookup without the rest.
+    # And 1,000 routes of ten rules cost at most 10% over 10 routes.
+    Ratio("session-sqlite ÷ gateway", "session-sqlite", "gateway", 1.30, show_added=True),
+    Ratio("session-redis ÷ gateway", "session-redis", "gateway", 1.30, show_added=True),
+    Ratio("policy-1000-routes ÷ policy-10-routes", "policy-1000-routes", "policy-10-routes", 1.10),
     Ratio("nginx ÷ aiohttp-min (reference)", "nginx", "aiohttp-min", None),
     Ratio("gateway ÷ nginx (reference)", "gateway", "nginx", None),
+    Ratio("forward-auth ÷ nginx (reference)", "forward-auth", "nginx", None),
+    Ratio("forward-auth ÷ session-sqlite (reference)", "forward-auth", "session-sqlite", None),
 ]
 
 
@@ -720,6 +909,7 @@ RATIOS = [
 class Results:
     rounds: int
     revocation: list[str] = field(default_factory=list)  # bench/revocation.py's report lines
+    lookup: list[str] = field(default_factory=list)  # bench/lookup.py's report lines
     apart: dict[str, list[Measurement | None]] = field(default_factory=dict)  # subject -> rounds
     together: dict[str, list[float | None]] = field(default_factory=dict)  # ratio label -> rounds
 
@@ -793,11 +983,18 @@ def measure_together(
 ) -> dict[str, float]:
     """Each targeted ratio with both subjects loaded at once on the same core."""
     by_name = {s.name: s for s in live(subjects)}
-    found = {}
+    found: dict[str, float] = {}
+    pairs: dict[tuple[str, str], str] = {}  # a pair already measured this round -> its label
     for ratio in RATIOS:
         numerator, denominator = by_name.get(ratio.numerator), by_name.get(ratio.denominator)
         if not ratio.decides or numerator is None or denominator is None:
             continue
+        pair = (ratio.numerator, ratio.denominator)
+        if pair in pairs:  # two targets on one pair (µs added, and a ratio): one measurement
+            if pairs[pair] in found:
+                found[ratio.label] = found[pairs[pair]]
+            continue
+        pairs[pair] = ratio.label
         ms = try_measure(env, [numerator, denominator], seconds, f"{when} {ratio.label}")
         if ms:
             value = found[ratio.label] = ms[0].cpu_us / ms[1].cpu_us
@@ -881,14 +1078,13 @@ def ratio_row(ratio: Ratio, results: Results) -> str:
     base = [m.cpu_us for m in results.apart.get(ratio.denominator, []) if m is not None]
     if not ratio.decides or not decisive:
         target, verdict = "-", "-" if decisive else "n/a (not measured)"
-    elif ratio.added_us is not None and base:
-        added = (statistics.median(decisive) - 1) * statistics.median(base)
-        target = f"≤ +{ratio.added_us:g} µs"
-        verdict = f"{'PASS' if added <= ratio.added_us else 'FAIL'} (+{added:.1f} µs)"
     else:
         assert ratio.target is not None
         target = f"≤ {ratio.target:.2f}"
         verdict = "PASS" if statistics.median(decisive) <= ratio.target else "FAIL"
+    if ratio.show_added and decisive and base:
+        added = (statistics.median(decisive) - 1) * statistics.median(base)
+        verdict += f" (+{added:.1f} µs)"
     return (
         f"| {ratio.label} | {ratio_cell(together)} | {ratio_cell(apart)} | {target} | {verdict} |"
     )
@@ -988,6 +1184,8 @@ def report(
         "",
         *[f"- `{s.name}`: {s.description}; `GET {s.path}`" for s in subjects],
     ]
+    if results.lookup:
+        parts += ["", *results.lookup]
     if results.revocation:
         parts += ["", *results.revocation]
     parts += disturbed(env, subjects, results)
@@ -1044,6 +1242,8 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
     start_subjects(env, subjects)
     warm_up(env, subjects, args.warmup)
     results = run_rounds(env, subjects, args.rounds, args.duration)
+    if any(s.name.startswith("session-") and not s.error for s in subjects):
+        results.lookup = session_lookup(env)
     if any(s.name == "session-redis" and not s.error for s in subjects):
         import revocation  # bench/revocation.py: two processes sharing Redis
 
@@ -1054,6 +1254,22 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
         except (OSError, StartError, subprocess.SubprocessError) as error:
             results.revocation = [f"Revocation latency: not measured ({error})"]
     return results
+
+
+def session_lookup(env: Env) -> list[str]:
+    """bench/lookup.py alone on the subject CPU: the CPU of one session lookup, by store."""
+    argv = ["taskset", "-c", str(env.subject_cpu), sys.executable, str(BENCH_DIR / "lookup.py")]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        return [f"Session lookup: not measured ({error})"]
+    return [
+        "The session lookup alone (bench/lookup.py: `caller.identify` on a request with the "
+        "session cookie, in one process on the subject CPU, minus a loop building the same "
+        "request; median of 5 rounds of 200,000):",
+        "",
+        *done.stdout.strip().splitlines(),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,7 +109,10 @@ class CompiledRule:
     every_request: bool  # no methods, paths or source_ips: only `who` matters
 
     def holds(self, facts: Facts, path: str) -> bool:
-        return all(check(facts, path) for check in self.checks)
+        for check in self.checks:  # a loop, not all(genexpr): this runs on every request
+            if not check(facts, path):
+                return False
+        return True
 
     def admits(self, facts: Facts) -> bool:
         """Do the conditions on who the caller is hold (the request's aside)?"""
@@ -142,6 +145,7 @@ class RoutePolicy:
     report: bool  # mode: report
     policy_hash: str  # the whole loaded policy
     content_hash: str  # this route's policy alone: which routes a reload changed
+    granted: tuple[Decision, ...] = ()  # the Decision of each allow rule, made once
 
     @classmethod
     def compile(
@@ -153,16 +157,19 @@ class RoutePolicy:
         if policy is None:
             raise ValueError(f"route {route.id!r} has no policy")
         own = policy_hash((route,), require_email_verified)
+        digest = own if digest is None else digest
+        allow = _compile_rules(route.id, "allow", policy.allow, require_email_verified)
         return cls(
             route_id=route.id,
             depth=segment_count(route.path),
-            allow=_compile_rules(route.id, "allow", policy.allow, require_email_verified),
+            allow=allow,
             deny=_compile_rules(route.id, "deny", policy.deny, require_email_verified),
             require_mfa=policy.require_mfa,
             max_auth_age=policy.max_auth_age,
             report=policy.mode == "report",
-            policy_hash=own if digest is None else digest,
+            policy_hash=digest,
             content_hash=own,
+            granted=tuple(Decision(True, rule.id, rule.id, digest) for rule in allow),
         )
 
 
@@ -205,14 +212,16 @@ def evaluate(facts: Facts, policy: RoutePolicy) -> Decision:
     for rule in policy.deny:
         if rule.holds(facts, path):
             return _deny(policy, f"denied-by:{rule.id}", rule.id)
-    allowing = next((rule for rule in policy.allow if rule.holds(facts, path)), None)
-    if allowing is None:
+    for i, rule in enumerate(policy.allow):
+        if rule.holds(facts, path):
+            break
+    else:
         return _deny(policy, "no-allow-rule")
     if policy.require_mfa and not facts.mfa:
         return _deny(policy, "mfa-required")
     if policy.max_auth_age is not None and _auth_age(facts) > policy.max_auth_age:
         return _deny(policy, "auth-too-old")
-    return Decision(True, allowing.id, allowing.id, policy.policy_hash)
+    return policy.granted[i]
 
 
 def reachable(identity: Identity, policy: RoutePolicy) -> bool:

@@ -89,7 +89,9 @@ async def prepare(current: Runtime, identities: Iterable[Identity]) -> Prepared:
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:
     """The sections that differ but cannot change without a restart."""
-    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    # SECURITY: Python mode, not JSON: JSON masks every secret as "****", so a swapped state key
+    # or client secret would compare equal, be reported as reloaded, and never be applied.
+    a, b = old.model_dump(), new.model_dump()
     changed = [k for k in a.keys() | b.keys() if k not in RELOADABLE and a.get(k) != b.get(k)]
     needs = []
     for section in sorted(changed):

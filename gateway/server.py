@@ -105,14 +105,6 @@ async def serve(settings: Settings) -> None:
     # The config (thousands of route objects) lives as long as the process: keep it out of every
     # full garbage collection, which would otherwise pause the loop in proportion to its size.
     gc.freeze()
-    started = {
-        "version": __version__,
-        "listen": list(listening.addresses),
-        "admin": list(listening.admin.addresses) if listening.admin else None,
-        "routes": len(settings.routes),
-        "config": str(settings.source),
-    }
-    emit(Event("server.started", started))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +117,14 @@ async def serve(settings: Settings) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    started = {
+        "version": __version__,
+        "listen": list(listening.addresses),
+        "admin": list(listening.admin.addresses) if listening.admin else None,
+        "routes": len(settings.routes),
+        "config": str(settings.source),
+    }
+    emit(Event("server.started", started))  # after the handlers: a SIGHUP now is a reload
     try:
         await stop.wait()
         emit(Event("server.stopping", {"grace_seconds": SHUTDOWN_TIMEOUT}))
