@@ -87,6 +87,16 @@ async def admit(
     return Admission(caller, decision, identity_headers(auth, caller, route.id), guard)
 
 
+def challenge(error: Unauthorized) -> str:
+    """WWW-Authenticate for a client that cannot follow a login redirect (RFC 6750, RFC 9470)."""
+    value = 'Bearer realm="access-gateway"'
+    if error.reason == "bad-token":
+        value += ', error="invalid_token"'
+    elif isinstance(error, Reauthenticate):
+        value += f', error="insufficient_user_authentication", max_age={int(error.max_age)}'
+    return value
+
+
 def passes_preflight(method: str, headers: Mapping[str, str], route: Route) -> bool:
     """A CORS preflight on a route that passes them (SPEC §4.4): no credentials, no policy."""
     if route.cors_preflight != "pass" or method != "OPTIONS":

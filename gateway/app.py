@@ -26,7 +26,7 @@ import time
 
 from aiohttp import web
 
-from gateway.access import Admission, Ask, Reauthenticate, admit, passes_preflight
+from gateway.access import Admission, Ask, Reauthenticate, admit, challenge, passes_preflight
 from gateway.auth import Auth
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, TooManyRequests, Unauthorized
 from gateway.handlers import (
@@ -189,15 +189,15 @@ class Gateway:
     ) -> web.Response:
         """No usable identity: browsers go to the login, other clients get a 401."""
         browser = request.method in ("GET", "HEAD") and wants_html(request)
-        max_age = error.max_age if isinstance(error, Reauthenticate) else None
         if browser and self.auth is not None and host is not None and target is not None:
             public = runtime.settings.server.public_url
             port = "" if public.port in (80, 443) else f":{public.port}"
             query = f"?{target.query}" if target.query else ""
             rd = f"{public.scheme}://{host}{port}{target.path}{query}"
+            max_age = error.max_age if isinstance(error, Reauthenticate) else None
             return redirect(self.auth.login_url(rd, max_age), request_id)
         response = error_response(request, error, request_id, runtime.secure)
-        response.headers["WWW-Authenticate"] = challenge(error.reason, max_age)
+        response.headers["WWW-Authenticate"] = challenge(error)
         return response
 
     async def _own_endpoint(
@@ -220,16 +220,6 @@ class Gateway:
                 # SECURITY: login floods, state-cookie churn and logout-token guessing, per address.
                 raise TooManyRequests("too many requests; try again shortly", retry_after=wait)
         return await endpoint(request, self, request_id)
-
-
-def challenge(reason: str, max_age: float | None = None) -> str:
-    """WWW-Authenticate for a client that cannot follow a login redirect (RFC 6750, RFC 9470)."""
-    value = 'Bearer realm="access-gateway"'
-    if reason == "bad-token":
-        value += ', error="invalid_token"'
-    elif max_age is not None:
-        value += f', error="insufficient_user_authentication", max_age={int(max_age)}'
-    return value
 
 
 def _limiters(limits: RateLimits) -> dict[str, RateLimiter]:

@@ -109,7 +109,7 @@ class CompiledRule:
     every_request: bool  # no methods, paths or source_ips: only `who` matters
 
     def holds(self, facts: Facts, path: str) -> bool:
-        for check in self.checks:  # a loop, not all(genexpr): this runs on every request
+        for check in self.checks:  # noqa: SIM110 - not all(genexpr): this runs on every request
             if not check(facts, path):
                 return False
         return True
@@ -214,14 +214,17 @@ def evaluate(facts: Facts, policy: RoutePolicy) -> Decision:
             return _deny(policy, f"denied-by:{rule.id}", rule.id)
     for i, rule in enumerate(policy.allow):
         if rule.holds(facts, path):
-            break
-    else:
-        return _deny(policy, "no-allow-rule")
+            return _demands(facts, policy, i)
+    return _deny(policy, "no-allow-rule")
+
+
+def _demands(facts: Facts, policy: RoutePolicy, allowing: int) -> Decision:
+    """Allowed by a rule: what the route itself demands of the login."""
     if policy.require_mfa and not facts.mfa:
         return _deny(policy, "mfa-required")
     if policy.max_auth_age is not None and _auth_age(facts) > policy.max_auth_age:
         return _deny(policy, "auth-too-old")
-    return policy.granted[i]
+    return policy.granted[allowing]
 
 
 def reachable(identity: Identity, policy: RoutePolicy) -> bool:

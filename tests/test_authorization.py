@@ -82,7 +82,7 @@ SPOOFABLE = [
 REWRITES = ["X-Original-URL", "X-Rewrite-URL", "X-Forwarded-Uri"]
 
 
-# -- the world ----------------------------------------------------------------------------------
+# -- the world -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +205,8 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
         path.write_text(yaml.safe_dump(config))
         gateway = await listen(load_settings(path), shutdown_timeout=2, clock=clock)
         base = f"http://127.0.0.1:{port}"
-        env = Env(gateway, idp, upstream, clock, base, f"http://localhost:{port}", events)
-        env.hits, env.port = hits, port
+        other = f"http://localhost:{port}"
+        env = Env(gateway, idp, upstream, clock, base, other, events, hits=hits, port=port)
         envs.append(env)
         return env
 
@@ -226,7 +226,7 @@ async def env(launch: Launch) -> Env:
     return await launch()
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def cookie_of(browser: aiohttp.ClientSession) -> str:
@@ -305,7 +305,7 @@ def seen_values(seen: dict[str, Any], name: str) -> list[str]:
     return [v for k, v in seen["headers"] if k.lower() == name.lower()]
 
 
-# -- 1. paths: the policy sees what the upstream would see ---------------------------------------
+# -- 1. paths: the policy sees what the upstream would see -----------------------------------------
 
 # (raw target, expected status, expected reason); all on strict.test, whose route is `/` with
 # one allow rule `paths: [/public/**]`, requested with a valid session.
@@ -429,7 +429,7 @@ async def test_a_deny_rule_for_a_subtree_denies_its_root(env: Env) -> None:
     ]
 
 
-# -- 2. spoofed identity headers ------------------------------------------------------------------
+# -- 2. spoofed identity headers -------------------------------------------------------------------
 
 
 def spellings(name: str) -> list[str]:
@@ -453,7 +453,9 @@ async def test_spoofed_identity_headers_never_reach_the_upstream(env: Env) -> No
         ("X-Forwarded-Proto", "spoofed"),
         ("Connection", f"close, {ours}, x-forwarded-for, x-request-id"),
     ]
-    # in slices: aiohttp limits the number of header lines in one request
+    ours_set = {"x-auth-request-user", "x-auth-request-email", "x-auth-request-groups"}
+    forgeable = {n.lower() for n in SPOOFABLE} - ours_set - {"x-gateway-assertion"}
+    # in slices: aiohttp's server takes at most 128 header lines per request
     for i in range(0, len(forged), 60):
         before = len(env.hits)
         headers = [("Cookie", f"{COOKIE}={cookie}"), *forged[i : i + 60], *extra]
@@ -471,9 +473,27 @@ async def test_spoofed_identity_headers_never_reach_the_upstream(env: Env) -> No
         assert hit.values("X-Forwarded-Proto") == ["http"]
         [assertion] = hit.values("X-Gateway-Assertion")
         assert verify(env, jwks, assertion, "app")["user"] == ALICE
-        gateway_names = {"x-auth-request-user", "x-auth-request-email", "x-auth-request-groups"}
-        forgeable = {n.lower() for n in SPOOFABLE} - gateway_names - {"x-gateway-assertion"}
         assert [k for k, _ in hit.headers if k.lower() in forgeable] == []
+
+
+async def test_claims_cannot_add_or_split_identity_headers(env: Env) -> None:
+    injected = "x\r\nX-Auth-Request-User: root@example.org"
+    env.idp.set_groups("alice", ["sre", "ops,admins", "100%", injected])
+    forged_user = "mallory@example.org\r\nX-Auth-Request-User: root@example.org"
+    env.idp.id_token_hook = lambda header, claims: TokenOverride(claims={"email": forged_user})
+    browser = await signed_in(env)
+    [hit] = env.hits_to("app")
+    assert hit.values("X-Auth-Request-User") == [
+        "mallory@example.org%0D%0AX-Auth-Request-User: root@example.org"
+    ]
+    assert hit.values("X-Auth-Request-Groups") == [
+        "sre,ops%2Cadmins,100%25,x%0D%0AX-Auth-Request-User: root@example.org"
+    ]
+    [assertion] = hit.values("X-Gateway-Assertion")
+    claims = verify(env, await fetch_jwks(env), assertion, "app")
+    assert claims["groups"] == ["sre", "ops,admins", "100%", injected]
+    assert claims["user"] == forged_user
+    assert cookie_of(browser)
 
 
 async def test_public_routes_and_preflights_strip_spoofed_identity_too(env: Env) -> None:
@@ -490,7 +510,7 @@ async def test_public_routes_and_preflights_strip_spoofed_identity_too(env: Env)
         assert [k for k, _ in hit.headers if k.lower().startswith("x-auth-request")] == []
 
 
-# -- 3. the gateway's cookies stay with the gateway -----------------------------------------------
+# -- 3. the gateway's cookies stay with the gateway ------------------------------------------------
 
 
 async def test_the_session_cookie_never_reaches_the_upstream(env: Env) -> None:
@@ -512,6 +532,12 @@ async def test_the_session_cookie_never_reaches_the_upstream(env: Env) -> None:
         assert not any(cookie in value for value in sent), headers
         assert not any(f"{COOKIE}-login" in value for value in sent), headers
         assert any("theme=dark" in value for value in sent), headers
+    # a public route is an upstream too
+    ours = [("Cookie", f"{COOKIE}-login=stale; {COOKIE}={cookie}; theme=dark")]
+    status, _, _ = await send(env, "/healthz", host=env.host("ops.test"), headers=ours)
+    assert status == 200
+    [health] = env.hits_to("health")
+    assert health.values("Cookie") == ["theme=dark"]
     # nothing but ours: no Cookie header at all
     before = len(env.hits)
     status, _, _ = await send(env, "/app/only-ours", headers=[("Cookie", f"{COOKIE}={cookie}")])
@@ -534,7 +560,7 @@ async def test_an_upstream_cannot_set_the_gateways_cookies(env: Env) -> None:
     assert again.status == 200
 
 
-# -- 4. the signed assertion, as an upstream verifies it ------------------------------------------
+# -- 4. the signed assertion, as an upstream verifies it -------------------------------------------
 
 
 async def test_the_assertion_verifies_for_its_route_only_and_follows_refreshed_groups(
@@ -576,7 +602,7 @@ async def test_the_assertion_verifies_for_its_route_only_and_follows_refreshed_g
     assert fresh["iat"] == int(env.clock.now) and fresh["jti"] != claims["jti"]
 
 
-# -- 5. the 403 page --------------------------------------------------------------------------------
+# -- 5. the 403 page -------------------------------------------------------------------------------
 
 
 async def test_the_403_page_names_the_request_and_user_never_the_rules(env: Env) -> None:
@@ -614,7 +640,7 @@ async def test_the_403_page_names_the_request_and_user_never_the_rules(env: Env)
     assert env.hits_to("lacking") == [] and env.hits_to("guarded") == []
 
 
-# -- 6. MFA -------------------------------------------------------------------------------------------
+# -- 6. MFA ----------------------------------------------------------------------------------------
 
 
 def amr_is(amr: object) -> Callable[[dict[str, Any], dict[str, Any]], TokenOverride]:
@@ -659,7 +685,7 @@ async def test_a_malformed_amr_is_no_second_factor_and_breaks_nothing(
     assert env.hits_to("mfa") == []
 
 
-# -- 7. max_auth_age ----------------------------------------------------------------------------------
+# -- 7. max_auth_age -------------------------------------------------------------------------------
 
 
 async def test_an_old_sign_in_must_be_renewed_at_the_idp(env: Env) -> None:
@@ -701,7 +727,7 @@ async def test_an_old_sign_in_must_be_renewed_at_the_idp(env: Env) -> None:
     assert len(env.events_of("session.created")) == created
     again = await browser.get(env.base + "/fresh/x", headers=JSON, allow_redirects=False)
     assert again.status == 401  # still the old session, still too old
-    assert env.hits_to("fresh") != [] and all(h.raw_path != "/up-fresh/fresh/y" for h in env.hits)
+    assert [hit.raw_path for hit in env.hits_to("fresh")] == ["/up-fresh/fresh/x"]  # before
 
     # an honest IdP: a fresh auth_time, and the route is open again
     env.idp.id_token_hook = None
@@ -713,7 +739,20 @@ async def test_an_old_sign_in_must_be_renewed_at_the_idp(env: Env) -> None:
     assert len(env.events_of("session.created")) == created + 1
 
 
-# -- 8. report mode -----------------------------------------------------------------------------------
+async def test_a_sign_in_without_auth_time_is_refused_when_max_age_was_asked(env: Env) -> None:
+    browser = await signed_in(env)
+    env.clock.now += 120
+    page = await follow(browser, env.base + "/fresh/x")
+    assert page.url.port == URL(env.idp.issuer).port
+    env.idp.id_token_hook = lambda header, claims: TokenOverride(remove_claims=["auth_time"])
+    refused = await follow(browser, await submit_login(browser, page, "alice", "alice-pw"))
+    assert refused.status == 400
+    assert failure_reasons(env) == ["missing-auth-time"]
+    assert len(env.events_of("session.created")) == 1  # the first sign-in only
+    assert env.hits_to("fresh") == []
+
+
+# -- 8. report mode --------------------------------------------------------------------------------
 
 
 async def test_report_mode_allows_and_logs_what_it_would_deny(env: Env) -> None:
@@ -731,7 +770,7 @@ async def test_report_mode_allows_and_logs_what_it_would_deny(env: Env) -> None:
     assert len(env.hits_to("report")) == 1
 
 
-# -- 9. CORS preflights ---------------------------------------------------------------------------
+# -- 9. CORS preflights ----------------------------------------------------------------------------
 
 
 async def test_cors_preflights_pass_only_where_configured_and_only_without_credentials(
@@ -766,7 +805,7 @@ async def test_cors_preflights_pass_only_where_configured_and_only_without_crede
     assert len(env.hits_to("cors")) == 1
 
 
-# -- 10. rate limits ------------------------------------------------------------------------------
+# -- 10. rate limits -------------------------------------------------------------------------------
 
 
 def tight_login_limit(trusted: list[str]) -> Tweak:
@@ -820,7 +859,7 @@ async def test_an_untrusted_peer_cannot_escape_the_limit_with_x_forwarded_for(
     assert statuses == [302, 302, 302, 429, 429]
 
 
-# -- 11. default deny, service clients ----------------------------------------------------------
+# -- 11. default deny, service clients -------------------------------------------------------------
 
 
 async def test_a_route_allowing_only_another_group_denies_by_default(env: Env) -> None:

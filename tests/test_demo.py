@@ -176,6 +176,8 @@ def test_the_shipped_config_gets_the_running_addresses_and_fresh_secrets(tmp_pat
     upstreams = {route["id"]: route["upstream"] for route in filled["routes"]}
     assert upstreams == {
         "public": "http://127.0.0.1:1003",
+        "finance": "http://127.0.0.1:1003",
+        "ops": "http://127.0.0.1:1003",
         "whoami": "http://127.0.0.1:1003",
         "other": "http://127.0.0.1:3000",  # not the whoami: left as written
     }
@@ -346,12 +348,25 @@ def test_login_in_a_real_headless_chromium(demo: Demo, browser: Any) -> None:
     assert re.search(r"X-Request-I[dD]\s+[0-9a-f]+-[0-9a-f]+", body), body
     assert "X-Forwarded-For\t127.0.0.1" in body
     assert "devidp_session" not in body and "gateway=" not in body  # no session cookie upstream
+    assert re.search(r"X-Auth-Request-User\s+alice@example.org", body, re.I), body
+    assert re.search(r"X-Gateway-Assertion\s+eyJ", body, re.I), body
     page.screenshot(path=ARTIFACTS / "demo-2-whoami.png", full_page=True)
 
     page.click("a[href='/.gateway/sessions']")
     page.wait_for_url(demo.gateway + "/.gateway/sessions")
     assert "Signed in as alice@example.org" in page.inner_text("body")
     page.screenshot(path=ARTIFACTS / "demo-3-sessions.png", full_page=True)
+
+
+def test_a_route_of_another_team_shows_the_403_page(demo: Demo, browser: Any) -> None:
+    page = browser
+    sign_in(page, demo, "alice")
+    response = page.goto(demo.gateway + "/finance/reports")
+    assert response is not None and response.status == 403
+    body = page.inner_text("body")
+    assert "no-allow-rule" in body and "alice@example.org" in body
+    assert "finance" not in body.replace("/finance/reports", "")  # the rule's group: never shown
+    page.screenshot(path=ARTIFACTS / "demo-4-denied.png", full_page=True)
 
 
 def test_logout_in_a_real_headless_chromium(demo: Demo, browser: Any) -> None:

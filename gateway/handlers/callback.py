@@ -116,6 +116,8 @@ async def _start_session(
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise LoginFailed("bad-groups-claim")
     amr = claims.get("amr", [])
+    # A malformed amr ([["mfa"]]) is no second factor, and must not break the session later.
+    amr = [a for a in amr if isinstance(a, str)] if isinstance(amr, list) else []
     old = auth.cookies.session_id(request.headers.getall("Cookie", []))
     if old is not None:  # a new login replaces the browser's previous session
         for key in auth.sessions.keys_for(old):
@@ -127,7 +129,7 @@ async def _start_session(
         email=_opt(claims.get("email")),
         email_verified=claims.get("email_verified") is True,
         groups=groups,
-        amr=amr if isinstance(amr, list) else [],
+        amr=amr,
         sid=_opt(claims.get("sid")),
         auth_time=claims.get("auth_time"),
         id_token=tokens.id_token,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.access import Ask, passes_preflight
-from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.access import Ask, challenge, passes_preflight
+from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from gateway.pages import error_response
 from gateway.routing import locate
 from gateway.types import GatewayState
@@ -53,9 +53,12 @@ async def forward_auth(
         admission = await gateway.admit(request, route, ask, runtime)
     except Unauthorized as error:  # a 401, never the login redirect: nginx cannot follow one
         response = error_response(request, error, request_id, runtime.secure)
-        response.headers["WWW-Authenticate"] = 'Bearer realm="access-gateway"'
+        response.headers["WWW-Authenticate"] = challenge(error)
         return response
-    return web.Response(status=200, headers={**headers, **dict(admission.identity)})
+    except BadRequest as error:  # two session cookies: a 400 would become nginx's 500
+        raise Forbidden(error.detail, reason=error.reason) from None
+    headers.update(admission.identity)
+    return web.Response(status=200, headers=headers)
 
 
 _ASKED = ("X-Forwarded-Method", "X-Forwarded-Host", "X-Forwarded-Uri")
