@@ -180,12 +180,26 @@ def identity_headers(auth: Auth, caller: Caller, route_id: str) -> tuple[tuple[s
         groups=caller.groups,
         amr=caller.amr,
     )
+    # The assertion names every claim the headers carry, so while it is reused they are too.
+    headers = _HEADERS.get(assertion)
+    if headers is None:
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        headers = _HEADERS[assertion] = _identity(caller, assertion)
+    return headers
+
+
+def _identity(caller: Caller, assertion: str) -> tuple[tuple[str, str], ...]:
     headers = [("X-Auth-Request-User", header_value(caller.user))]
     if caller.email:
         headers.append(("X-Auth-Request-Email", header_value(caller.email)))
     headers.append(("X-Auth-Request-Groups", ",".join(header_value(g) for g in caller.groups)))
     headers.append(("X-Gateway-Assertion", assertion))
     return tuple(headers)
+
+
+_HEADERS: dict[str, tuple[tuple[str, str], ...]] = {}  # assertion -> the identity headers
+_HEADERS_MAX = 10_000
 
 
 _UNSAFE = re.compile(r"[^\x20-\x24\x26-\x2b\x2d-\x7e]")  # printable ASCII but '%' and ','

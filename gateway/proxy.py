@@ -255,13 +255,14 @@ class Proxy:
                 if value is None:
                     continue
             headers.add(name, value)
-        # Set after filtering: a client naming these in Connection cannot remove them.
-        headers["X-Forwarded-For"] = fwd.addresses.forwarded_for
-        headers["X-Forwarded-Proto"] = self._proto(request, fwd)
-        headers["X-Forwarded-Host"] = fwd.host
-        headers["X-Request-Id"] = fwd.request_id
-        for name, value in fwd.identity:  # after filtering: only the gateway's own copies remain
-            headers[name] = value
+        # Added after filtering, which dropped every client copy of these (they are forgeable),
+        # so `add` cannot duplicate one, and a client naming them in Connection cannot remove them.
+        headers.add("X-Forwarded-For", fwd.addresses.forwarded_for)
+        headers.add("X-Forwarded-Proto", self._proto(request, fwd))
+        headers.add("X-Forwarded-Host", fwd.host)
+        headers.add("X-Request-Id", fwd.request_id)
+        for name, value in fwd.identity:
+            headers.add(name, value)
         return headers
 
     def _proto(self, request: web.BaseRequest, fwd: Forward) -> str:

@@ -70,6 +70,8 @@ async def prepare(current: Runtime, identities: Iterable[Identity]) -> Prepared:
     except ConfigError as err:
         return Prepared(None, tuple(str(err).splitlines()))
     restart = restart_needed(current.settings, settings)
+    if settings.protected_routes and not current.settings.protected_routes:
+        restart.append("the first protected route (login and sessions start with the process)")
     if restart:
         return Prepared(None, (f"{source}: changes need a restart: {', '.join(restart)}",))
     try:

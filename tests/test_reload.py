@@ -679,3 +679,32 @@ async def _every_client_answered(load: Load) -> bool:
 
 async def _more(load: Load, than: int) -> bool:
     return load.done >= than + 4 * CLIENTS
+
+
+async def test_the_first_protected_route_needs_a_restart(tmp_path: Path) -> None:
+    """A gateway started with public routes only has no login machinery to give a new policy."""
+    upstream = await start_server(echo_app())
+    public = {"id": "open", "path": "/", "upstream": upstream.url, "public": True}
+    settings = gateway_config([public])
+    settings["identity"] = {"issuer": "http://127.0.0.1:9", "client_id": "gw", "client_secret": "s"}
+    settings["state"] = {"sessions": "memory://", "records": "memory://", "keys": ["A" * 43 + "="]}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    gateway = await listen(load_settings(path), shutdown_timeout=1)
+    try:
+        runtime = gateway.gateway.runtime
+        protected = {"id": "app", "path": "/app", "upstream": upstream.url}
+        protected["policy"] = {"allow": [{"groups": ["sre"]}]}
+        path.write_text(yaml.safe_dump({**settings, "routes": [public, protected]}))
+
+        assert await gateway.reload() is False
+
+        assert gateway.gateway.runtime is runtime
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{gateway.port}/app/x"
+            resp = await client.get(url, headers={"Host": "gw.test"})
+            assert resp.status == 200  # still the public route: nothing was half-applied
+            assert orjson.loads(await resp.read())["raw_path"] == "/app/x"
+    finally:
+        await gateway.stop()
+        await upstream.runner.cleanup()
