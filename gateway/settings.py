@@ -162,6 +162,7 @@ class Audit(_Model):
     dir: FilePath = Path("/var/log/gateway/audit")
     origin: AuditOrigin | None = None
     signing_key_file: FilePath | None = None
+    previous_signing_key_files: tuple[FilePath, ...] = ()  # sign the key.rotated announcement
     checkpoint_every: int = Field(default=1000, ge=1)
     checkpoint_interval: Duration = 1.0
     heartbeat_interval: Duration = 60.0
