@@ -3,9 +3,10 @@
     admit(auth, policy, request, route, ask) -> Admission
         identify      caller.identify: a session cookie or a bearer token (else Unauthorized)
         evaluate      policy.evaluate(facts, route policy) -> Decision (default deny)
-        refused       Denied (403), or Reauthenticate (auth-too-old: log in again, max_age)
         activity      an allowed request outside idle_ignore_paths counts (touch)
         identity      X-Auth-Request-User/-Email/-Groups and X-Gateway-Assertion (SPEC §7)
+    refusal(admission, policy, ask) -> Denied (403), or Reauthenticate (auth-too-old: log in
+                      again with max_age); the caller records the decision first (audit)
 
 Proxy mode (gateway.app) and forward-auth (/.gateway/auth) both go through `admit`, so the
 two can never decide differently. `Ask` is what is being asked for: in proxy mode the
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from gateway.auth import Auth
 from gateway.caller import Caller, identify, stream_guard
-from gateway.errors import Denied, Unauthorized
+from gateway.errors import Denied, GatewayError, Unauthorized
 from gateway.events import Event, emit
 from gateway.globs import GlobSet
 from gateway.policy import Decision, Facts, RoutePolicy, evaluate
@@ -44,14 +45,16 @@ class Ask:
     path: str  # canonical, decoded (paths.Target.match)
     client_ip: str  # the client address trusted_proxies resolved
     request_id: str
+    query: str = ""  # never matched; the audit log keeps a keyed HMAC of it
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     caller: Caller
-    decision: Decision  # allowed (or would-deny, in report mode)
-    identity: tuple[tuple[str, str], ...]  # headers for the upstream
-    guard: Guard | None  # closes a WebSocket when the session ends
+    decision: Decision  # not allowed: see refusal(); would_deny in report mode
+    mfa: bool  # the caller has a second factor
+    identity: tuple[tuple[str, str], ...] = ()  # headers for the upstream (when allowed)
+    guard: Guard | None = None  # closes a WebSocket when the session ends
 
 
 class Reauthenticate(Unauthorized):
@@ -73,9 +76,10 @@ async def admit(
     ask: Ask,
 ) -> Admission:
     caller = await identify(auth, request, route)
-    decision = evaluate(facts(auth, caller, ask), policy)
+    known = facts(auth, caller, ask)
+    decision = evaluate(known, policy)
     if not decision.allowed:
-        _refuse(caller, decision, policy, ask)
+        return Admission(caller, decision, known.mfa)
     if decision.would_deny:
         _log_decision("access.would_deny", caller, decision, ask)
     session = caller.session
@@ -84,7 +88,8 @@ async def admit(
         if auth.sessions.touch_due(session) and not idle_ignore.matches(ask.path):
             await auth.sessions.touch(session)
         guard = stream_guard(auth, session, route)
-    return Admission(caller, decision, identity_headers(auth, caller, route.id), guard)
+    identity = identity_headers(auth, caller, route.id)
+    return Admission(caller, decision, known.mfa, identity, guard)
 
 
 def challenge(error: Unauthorized) -> str:
@@ -125,19 +130,21 @@ def facts(auth: Auth, caller: Caller, ask: Ask) -> Facts:
     )
 
 
-def _refuse(caller: Caller, decision: Decision, policy: RoutePolicy, ask: Ask) -> None:
+def refusal(admission: Admission, policy: RoutePolicy, ask: Ask) -> GatewayError:
+    """What a caller the policy refused gets: a 403, or a new login for auth-too-old."""
+    caller, decision = admission.caller, admission.decision
     _log_decision("access.denied", caller, decision, ask)
     max_age = policy.max_auth_age
     # A browser can log in again at the IdP; a bearer token cannot, so it is simply denied.
     if decision.reason == "auth-too-old" and max_age is not None and caller.session is not None:
-        raise Reauthenticate(max_age)
+        return Reauthenticate(max_age)
     detail = {
         "mfa-required": "this page needs a second factor, which this sign-in did not include",
         "auth-too-old": "this page needs a recent sign-in",
     }.get(decision.reason, "you do not have access to this page")
     # SECURITY: the reason code and the request only; never the rules (what would pass).
     asked = f"{ask.method} {ask.host}{ask.path}"
-    raise Denied(detail, reason=decision.reason, user=caller.user, asked=asked)
+    return Denied(detail, reason=decision.reason, user=caller.user, asked=asked)
 
 
 def _log_decision(name: str, caller: Caller, decision: Decision, ask: Ask) -> None:
@@ -154,7 +161,7 @@ def _log_decision(name: str, caller: Caller, decision: Decision, ask: Ask) -> No
         "policy_hash": decision.policy_hash,
         "request_id": ask.request_id,
     }
-    emit(Event(name, fields))
+    emit(Event(name, fields), audit=False)  # the process log: the audit log has the access record
 
 
 @functools.lru_cache(maxsize=4096)

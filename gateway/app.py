@@ -8,8 +8,11 @@
                      (a CORS preflight skips 5-6 on routes with cors_preflight: pass)
     6 authorize      policy.evaluate(facts, route) -> Decision, default deny (access.admit);
                      denied: 403; auth-too-old: login again with max_age
-    7 audit          (audit issue) the decision record
+    7 audit          the decision record (audit.recorder); on disk before forwarding for
+                     sync methods and phi routes; refusals of unidentified clients folded
+                     into per-minute summaries beyond a rate
     8 forward        proxy.forward: streaming, WebSockets, X-Forwarded-*, identity (§7)
+    9 done           access.done: status, bytes, duration
     errors anywhere: GatewayError -> a page or JSON with status, reason and request id
 
 `Gateway.handle` is served by aiohttp's low-level `web.Server`: no URL
@@ -26,9 +29,27 @@ import time
 
 from aiohttp import web
 
-from gateway.access import Admission, Ask, Reauthenticate, admit, challenge, passes_preflight
+from gateway import events
+from gateway.access import (
+    Admission,
+    Ask,
+    Reauthenticate,
+    admit,
+    challenge,
+    passes_preflight,
+    refusal,
+)
+from gateway.audit.recorder import ANONYMOUS, Recorder, Who, open_recorder
+from gateway.audit.writer import AuditUnavailable
 from gateway.auth import Auth
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, TooManyRequests, Unauthorized
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+)
 from gateway.handlers import (
     backchannel,
     callback,
@@ -42,7 +63,8 @@ from gateway.handlers import (
 )
 from gateway.pages import error_response, redirect, wants_html
 from gateway.paths import Target
-from gateway.policy import Identity
+from gateway.plugins import Plugins, load_plugins
+from gateway.policy import Decision, Identity
 from gateway.proxy import Forward, Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.reload import Prepared, announce, prepare
@@ -85,6 +107,9 @@ class Gateway:
         self.runtime = Runtime.build(settings)  # replaced whole by a reload, never edited
         self.draining = False  # set when shutdown begins: readyz turns 503
         self.auth: Auth | None = None  # login, sessions, the IdP: only with protected routes
+        self.audit: Recorder | None = None  # the audit log (opened by start)
+        self.plugins = Plugins()  # loaded by start (SPEC §9)
+        self._ticker: asyncio.Task[None] | None = None
         self._settings = settings
         self._clock = clock  # injectable: tests move time instead of waiting for it
         self._proxy = Proxy(scheme="https" if settings.server.tls else "http")
@@ -93,10 +118,27 @@ class Gateway:
         self._reloading = asyncio.Lock()
 
     async def start(self) -> None:
-        self.auth = await Auth.open(self._settings, clock=self._clock)
-        if self.auth is not None:
-            self._proxy = Proxy(self._proxy.scheme, self.auth.cookies)
-        await self._proxy.start()
+        self.plugins = await asyncio.to_thread(load_plugins, self._settings.plugins)
+        self.audit = await open_recorder(self._settings, self._clock)
+        events.add_sink(self.audit.event)  # every security event is a record too
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="audit:tick")
+        try:
+            await self.plugins.start()
+            self.audit.plugins = self.plugins
+            self.audit.writer.add_listener(self.plugins.on_records)  # off-host anchoring
+            self.auth = await Auth.open(self._settings, clock=self._clock)
+            if self.auth is not None:
+                self._proxy = Proxy(self._proxy.scheme, self.auth.cookies)
+            await self._proxy.start()
+        except BaseException:
+            await self.close()  # a bad key file must not leave the audit writer running
+            raise
+
+    async def _tick(self) -> None:
+        while True:  # a quiet minute after a flood still gets its access.summary
+            await asyncio.sleep(_TICK)
+            if self.audit is not None:
+                self.audit.tick()
 
     async def reload(self, actor: str = "signal") -> Prepared:
         """Re-read the config file; apply it if valid (routes, policies: see gateway.reload)."""
@@ -131,12 +173,24 @@ class Gateway:
         await self._proxy.close()
         if self.auth is not None:
             await self.auth.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.audit is not None:  # last: closing the rest may still emit events
+            events.remove_sink(self.audit.event)
+            self.audit.flush()
+            await self.audit.writer.close()
+        await self.plugins.close()  # after the writer: its last lines reach the sinks
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = self._request_ids.assign(request.headers.get("X-Request-Id"))
         runtime = self.runtime  # read once: a reload never mixes two configs in one request
+        started = time.monotonic()
         host: str | None = None
         target: Target | None = None
+        client_ip = request.remote or ""
+        logged = False  # the access record is written: access.done follows, whatever happens
+        anonymous = True
+        reason = "-"
         try:
             host, target = locate(
                 request.raw_path, request.headers.getall("Host", []), runtime.routes
@@ -149,34 +203,168 @@ class Gateway:
             addresses = runtime.trusted.resolve(
                 request.remote or "", request.headers.getall("X-Forwarded-For", [])
             )
+            client_ip = addresses.client
+            ask = Ask(request.method, host, target.match, client_ip, request_id, target.query)
             upstream = runtime.upstreams[route.id]
             if route.public or passes_preflight(request.method, request.headers, route):
+                self._record(request, route, ask, "allow", "public", ANONYMOUS, None, runtime)
+                logged = True
                 forward = Forward(upstream, target, host, addresses, request_id)
             else:
-                ask = Ask(request.method, host, target.match, addresses.client, request_id)
                 a = await self.admit(request, route, ask, runtime)
+                logged, anonymous = True, False
+                if not a.decision.allowed:
+                    raise refusal(a, runtime.policies[route.id], ask)
                 forward = Forward(
                     upstream, target, host, addresses, request_id, a.guard, a.identity
                 )
-            return await self._proxy.forward(request, forward)
+            response = await self._proxy.forward(request, forward)
         except Unauthorized as error:
-            return self._sign_in(request, error, host, target, request_id, runtime)
+            reason = error.reason
+            response = self._sign_in(request, error, host, target, request_id, runtime)
         except GatewayError as error:
-            return error_response(request, error, request_id, runtime.secure)
+            reason = error.reason
+            response = error_response(request, error, request_id, runtime.secure)
         except Exception:
             log.exception("request failed", extra={"request_id": request_id})
-            return error_response(
-                request, GatewayError("internal error"), request_id, runtime.secure
-            )
+            failure = GatewayError("internal error")
+            reason = failure.reason
+            response = error_response(request, failure, request_id, runtime.secure)
+        self._outcome(
+            request, response, request_id, started, (logged, anonymous), reason, client_ip
+        )
+        return response
 
     async def admit(
         self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime
     ) -> Admission:
-        """Stages 5 and 6 (proxy mode here, forward-auth in handlers/forwardauth)."""
+        """Stages 5-7 (proxy mode here, forward-auth in handlers/forwardauth): identify,
+        decide, record. A refused admission is returned for the caller to raise `refusal()`."""
         auth = self.auth
         assert auth is not None  # settings refuse protected routes without an identity provider
         policy = runtime.policies[route.id]
-        return await admit(auth, policy, runtime.idle_ignore, request, route, ask)
+        a = await admit(auth, policy, runtime.idle_ignore, request, route, ask)
+        decision = "would-deny" if a.decision.would_deny else "allow"
+        if not a.decision.allowed:
+            decision = "deny"
+        caller = a.caller
+        who = Who(
+            caller.user,
+            caller.sub,
+            caller.groups,
+            caller.client,
+            caller.session.handle if caller.session else None,
+            a.mfa,
+        )
+        if a.decision.allowed and self.plugins.checks:
+            a = await self._plugin_check(a, route, ask)
+            decision = "deny" if not a.decision.allowed else decision
+        written = self._record(
+            request, route, ask, decision, a.decision.reason, who, a.decision.policy_hash, runtime
+        )
+        if a.decision.allowed:
+            await self._durable(written, runtime)
+        return a
+
+    async def _plugin_check(self, a: Admission, route: Route, ask: Ask) -> Admission:
+        """SPEC §9: a policy-check plugin can only deny (and denies when it fails)."""
+        caller = a.caller
+        facts = {
+            "route": route.id,
+            "method": ask.method,
+            "host": ask.host,
+            "path": ask.path,
+            "client_ip": ask.client_ip,
+            "user": caller.user,
+            "sub": caller.sub,
+            "email": caller.email,
+            "groups": list(caller.groups),
+            "client": caller.client,
+            "mfa": a.mfa,
+        }
+        deny = await self.plugins.check(facts)
+        if deny is None:
+            return a
+        refused = Decision(False, deny.reason, None, a.decision.policy_hash)
+        return Admission(a.caller, refused, a.mfa)
+
+    def _record(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        ask: Ask,
+        decision: str,
+        reason: str,
+        who: Who,
+        policy_hash: str | None,
+        runtime: Runtime,
+    ) -> asyncio.Future[None] | None:
+        assert self.audit is not None
+        upstream = runtime.upstreams.get(route.id)
+        return self.audit.access(
+            request_id=ask.request_id,
+            route=route,
+            method=ask.method,
+            host=ask.host,
+            path=ask.path,
+            query=ask.query,
+            decision=decision,
+            reason=reason,
+            who=who,
+            client_ip=ask.client_ip,
+            user_agent=request.headers.get("User-Agent"),
+            upstream=upstream.base if upstream is not None else None,
+            policy_hash=policy_hash,
+        )
+
+    async def _durable(self, written: asyncio.Future[None] | None, runtime: Runtime) -> None:
+        """Stage 7's promise: no protected request goes on without its record (on_failure)."""
+        assert self.audit is not None
+        deny = runtime.settings.audit.on_failure == "deny"
+        try:
+            if written is not None:
+                await written  # sync methods, phi routes: on disk before forwarding
+            elif deny and not self.audit.available:
+                raise AuditUnavailable("the audit log cannot be written")
+        except AuditUnavailable:
+            if deny:
+                # SECURITY: fail closed: nothing reaches a protected upstream unrecorded.
+                raise ServiceUnavailable(
+                    "the audit log cannot be written; try again shortly",
+                    reason="audit-unavailable",
+                ) from None
+
+    def _outcome(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        request_id: str,
+        started: float,
+        state: tuple[bool, bool],
+        reason: str,
+        client_ip: str,
+    ) -> None:
+        """Stage 9: the access record's outcome, or an unidentified refusal as noise."""
+        audit = self.audit
+        logged, anonymous = state
+        if audit is None:
+            return
+        if logged:
+            bytes_in = request.content.total_bytes if request.body_exists else 0
+            duration = time.monotonic() - started
+            status = response.status
+            audit.done(
+                request_id, status, bytes_in, response.body_length, duration, anonymous=anonymous
+            )
+        elif response.status >= 400:
+            fields = {
+                "request_id": request_id,
+                "method": request.method,
+                "host": request.host,
+                "path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
+                "user_agent": request.headers.get("User-Agent"),
+            }
+            audit.noise(response.status, reason, client_ip, fields)
 
     def _sign_in(
         self,
@@ -220,6 +408,10 @@ class Gateway:
                 # SECURITY: login floods, state-cookie churn and logout-token guessing, per address.
                 raise TooManyRequests("too many requests; try again shortly", retry_after=wait)
         return await endpoint(request, self, request_id)
+
+
+_TICK = 5.0  # seconds between audit ticks (access.summary at a minute's end)
+_MAX_LOGGED_PATH = 1024  # an unidentified client's path is kept to this length
 
 
 def _limiters(limits: RateLimits) -> dict[str, RateLimiter]:

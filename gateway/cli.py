@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("dir", metavar="DIR", help="where to write them (made 0700 if missing)")
     keys.set_defaults(func=_keys)
+    _add_audit(commands)
     demo = commands.add_parser(
         "demo", help="a dev IdP, a sample app and the gateway, on loopback (Ctrl-C stops)"
     )
@@ -77,6 +78,56 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--whoami-port", type=_port, help="whoami app (8091; 0 with --port 0)")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _add_audit(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """`gateway audit ACTION`: the audit log's commands, one sub-parser each (docs/audit-log.md)."""
+    audit = commands.add_parser("audit", help="verify the audit log")
+    actions = audit.add_subparsers(
+        dest="audit_action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    verify = actions.add_parser(
+        "verify",
+        help="check every hash link and signature against pinned public keys",
+        description="Prints OK or FAIL for each origin (a FAIL names the first bad seq and "
+        "what is wrong); exit 0 when every origin is OK, 1 when one is not, 2 for bad input.",
+    )
+    verify.add_argument("dirs", nargs="*", metavar="DIR", help="segment directories (audit.dir)")
+    verify.add_argument(
+        "--key",
+        dest="keys",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PUBKEY",
+        help="a trusted Ed25519 public key file (audit-ed25519.pub.pem); required",
+    )
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="the gateway still writes the log: an open last chain is a warning, not a failure",
+    )
+    verify.set_defaults(func=_audit_verify)
+    _add_audit_tail(actions)
+
+
+def _add_audit_tail(actions: argparse._SubParsersAction[_Parser]) -> None:
+    tail = actions.add_parser(
+        "tail",
+        help="print the audit log as it is written, every origin merged, its chain checked",
+        description="The last N records of each origin, merged by time; with -f, every new "
+        "record within a second. Each hash link and seq is checked (signatures: audit verify): "
+        "a break prints '!! CHAIN BROKEN' (on stderr with --json) and makes the exit status 1.",
+    )
+    tail.add_argument("dir", metavar="DIR", help="the segment directory (audit.dir)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument("-n", type=int, default=20, metavar="N", help="records of each origin first")
+    tail.add_argument("--json", action="store_true", help="the stored lines, byte for byte")
+    tail.add_argument("--user", metavar="U", help="user, subject or actor (an email: any case)")
+    tail.add_argument("--route", metavar="R", help="a route id")
+    tail.add_argument("--decision", choices=["allow", "deny", "would-deny"])
+    tail.add_argument("--type", metavar="T", help="a record type, or a prefix: 'auth.*'")
+    tail.set_defaults(func=_audit_tail)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +247,40 @@ def _keys(args: argparse.Namespace) -> int:
     for key in written:
         print(key.describe())
     return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.audit.verify import VerifyError, verify
+    from gateway.keyfiles import KeyFileError, load_public_key
+
+    if not args.keys:
+        return _usage(
+            "audit verify needs --key PUBKEY, the audit public key you trust: "
+            "a log that names its own key proves nothing"
+        )
+    if not args.dirs:  # `--key K DIR`: --key takes every file after it
+        return _usage("audit verify needs DIR... before --key PUBKEY...")
+    try:
+        keys = [load_public_key(Path(path), "ed25519") for path in args.keys]
+        reports = verify([Path(path) for path in args.dirs], keys, live=args.live)
+    except (KeyFileError, VerifyError) as err:
+        return _usage(str(err))
+    for report in reports:
+        print("\n".join(report.lines()))
+    return 0 if all(report.ok for report in reports) else 1
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.audit.tail import Filter, Options, command
+
+    if args.n < 0:
+        return _usage("-n needs a count, 0 or more")
+    wanted = Filter(user=args.user, route=args.route, decision=args.decision, type=args.type)
+    return command(Options(Path(args.dir), args.follow, args.json, args.n, wanted))
 
 
 def _sessions(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Security and lifecycle events, and the structured process log they go to.
 
-Every event goes through `emit()`. Until the audit log exists (SPEC §8) the
-process log is their only destination; the audit writer and plugins will be
-added as sinks here, so no caller changes when they arrive.
+Every event goes through `emit()`: to the process log, and to every sink added
+with `add_sink()` (the running gateway's audit log, SPEC §8; plugins). A sink
+that raises is logged and never stops the event reaching the others.
 
 The process log is one JSON object per line on stderr: `ts`, `level`,
 `logger`, `msg`, and any fields passed with `extra=`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,8 +32,29 @@ class Event:
     ts: float = field(default_factory=time.time)
 
 
-def emit(event: Event) -> None:
+Sink = Callable[[Event], None]
+_sinks: list[Sink] = []
+
+
+def add_sink(sink: Sink) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def emit(event: Event, *, audit: bool = True) -> None:
+    """`audit=False`: the process log only (what the audit log already holds another way)."""
     _log.info(event.type, extra={"event": event.type, **event.fields})
+    if not audit:
+        return
+    for sink in tuple(_sinks):
+        try:
+            sink(event)
+        except Exception:
+            _log.exception("an event sink failed", extra={"event": event.type})
 
 
 class JsonFormatter(logging.Formatter):

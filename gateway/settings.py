@@ -4,10 +4,11 @@
     summary(settings) -> str                   what `gateway check-config` prints for a good file
 
 Here is what is the gateway's own: the sections (Server, Identity, ..., Route, Settings),
-the secret files read in (`client_secret_file`, `keys_file`, a plugin's `secret_file`), the
-rules spanning sections (protected routes need an IdP, replicas need Redis...) and the
-warnings, which stat each `*_file`. The value types are in `gateway.configtypes`; reading the
-YAML with positions, in four steps, is `gateway.configfile`. Loading is blocking file I/O,
+the secret files read in (`client_secret_file`, `keys_file`, a plugin's `secret_file`,
+`password_file`, ...), the rules spanning sections (protected routes need an IdP, replicas
+need Redis...) and the warnings, which stat each `*_file`. The value types are in
+`gateway.configtypes`; reading the YAML with positions, in four steps, is
+`gateway.configfile`. Loading is blocking file I/O,
 so a running server calls `load_settings` in a thread (STYLE 16).
 """
 
@@ -458,8 +459,19 @@ def _check_admin(s: Settings) -> Iterator[Problem]:
         yield Problem(message, (("admin", "listen"), ("admin",)))
 
 
+def _check_plugins(s: Settings) -> Iterator[Problem]:
+    """Each plugin is built once (no network), so its own option checks run here too."""
+    from gateway.plugins import PluginError, load_plugins  # plugins build on these models
+
+    try:
+        load_plugins(s.plugins)
+    except PluginError as err:
+        yield from err.problems
+
+
 def _problems(s: Settings) -> Iterator[Problem]:
-    for check in (_check_routes, _check_protection, _check_workers, _check_admin):
+    checks = (_check_routes, _check_protection, _check_workers, _check_admin, _check_plugins)
+    for check in checks:
         yield from check(s)
 
 
@@ -517,8 +529,12 @@ def _secret_file_sections(data: dict[str, Any]) -> Iterator[tuple[dict[str, Any]
             yield section, (key,), name
     plugins = data.get("plugins")
     for i, entry in enumerate(plugins if isinstance(plugins, list) else []):
-        if isinstance(entry, dict) and "secret_file" in entry:
-            yield entry, ("plugins", i), "secret"
+        if not isinstance(entry, dict):
+            continue
+        # a secret-named option (secret, password, token, *_secret...) may come from a file
+        for key in [k for k in entry if isinstance(k, str) and k.endswith("_file")]:
+            if _SECRET_OPTION.search(key.removesuffix("_file")):
+                yield entry, ("plugins", i), key.removesuffix("_file")
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.access import Admission, Ask
+    from gateway.audit.recorder import Recorder
     from gateway.auth import Auth
     from gateway.reload import Prepared
     from gateway.runtime import Runtime
@@ -26,6 +27,9 @@ class GatewayState(Protocol):
 
     @property
     def auth(self) -> Auth | None: ...  # None when every route is public
+
+    @property
+    def audit(self) -> Recorder | None: ...  # the audit log; None before start
 
     async def admit(
         self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime

@@ -51,6 +51,7 @@ def gateway_config(routes: list[dict[str, Any]], **sections: Any) -> dict[str, A
     config: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "public_url": "http://gw.test"},
         "state": {"sessions": "memory://", "records": "memory://"},
+        "audit": {"dir": "audit"},  # beside the config file: each test's own tmp dir
         "routes": routes,
     }
     for name, value in sections.items():
@@ -67,6 +68,8 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     started: list[Listening] = []
 
     async def start(config: dict[str, Any]) -> Server:
+        if config.get("audit", {}).get("dir") == "audit":  # two gateways never share one chain
+            config = {**config, "audit": {**config["audit"], "dir": f"audit-{len(started)}"}}
         path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         listening = await listen(load_settings(path), shutdown_timeout=5)

@@ -85,6 +85,7 @@ def test_run_on_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
             f"state: {{sessions: 'sqlite:///{tmp_path}/s.db', records: 'memory://',"
             f" keys: ['{key}']}}\n"
             "sessions: {cookie_name: gateway}\n"
+            "audit: {dir: audit}\n"
             "routes:\n  - {id: app, path: /, upstream: 'http://127.0.0.1:9',"
             " policy: {allow: [{groups: [x]}]}}\n"
         )

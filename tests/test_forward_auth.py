@@ -522,6 +522,7 @@ async def test_forward_auth_answers_trusted_proxies_only(env: Env) -> None:
         assert "X-Auth-Request-User" not in untrusted.headers
     # a gateway that trusts only 10/8 refuses 127.0.0.1 the same way
     config = gateway_config(env.base, env.idp.issuer, env.direct, env.tmp, ["10.0.0.0/8"])
+    config["audit"]["dir"] = str(env.tmp / "audit-untrusting")  # each process its own chain
     other = await start_gateway(env.tmp, "untrusting", config, env.clock)
     try:
         resp = await env.client().get(f"http://127.0.0.1:{other.port}/.gateway/auth", headers=ask)

@@ -718,6 +718,7 @@ async def test_a_redis_restart_fails_closed_and_recovers(
             200,
             {
                 "accepting": "ok",
+                "audit_log": "ok",
                 "session_store": "ok",
                 "revocations": "ok",
                 "identity_provider": "ok",

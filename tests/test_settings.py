@@ -215,11 +215,12 @@ def test_keys_file_and_plugin_secret_file(tmp_path: Path) -> None:
     (tmp_path / "keys").write_text(f"# current first\n{KEY}\n\n{other}\n")
     (tmp_path / "hook").write_text("hook-secret\n")
     text = PROTECTED.replace(f"keys: [{KEY}]", "keys_file: keys")
-    text += "plugins:\n  - use: webhook\n    url: https://h.example.org\n    secret_file: hook\n"
+    text += "plugins:\n  - use: redis_stream\n    url: redis://h.example.org\n"
+    text += "    password_file: hook\n"
     settings = load(tmp_path, text)
     assert settings.state.key_bytes == (b"k" * 32, b"o" * 32)
-    assert settings.plugins[0].use == "webhook"
-    assert settings.plugins[0].options["secret"].get_secret_value() == "hook-secret"
+    assert settings.plugins[0].use == "redis_stream"
+    assert settings.plugins[0].options["password"].get_secret_value() == "hook-secret"
     assert "hook-secret" not in repr(settings)
 
 

@@ -39,16 +39,21 @@ GENESIS_PREV = "0" * 64
 CHAIN_FIELDS = ("v", "origin", "seq", "ts", "type", "prev")
 
 _C1 = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# The same characters as UTF-8 in an encoded line: DEL, C1, U+2028-202E, U+2066-2069.
+_UNSAFE_BYTES = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
 
 
 def line(
     fields: Mapping[str, Any], *, origin: str, seq: int, ts: float, type: str, prev: str
 ) -> bytes:
     """The record's exact bytes (without the newline): canonical JSON, chain fields last."""
-    record = {k: escape(v) for k, v in fields.items()}
+    record = dict(fields)
     # SECURITY: the chain fields are written over anything an event carried under their names.
     record.update(v=VERSION, origin=origin, seq=seq, ts=timestamp(ts), type=type, prev=prev)
-    return canonical(record)
+    encoded = canonical(record)
+    if _UNSAFE_BYTES.search(encoded) is None:  # the common case: nothing to escape
+        return encoded
+    return canonical({k: escape(v) for k, v in record.items()})
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
@@ -61,7 +66,15 @@ def digest(record_line: bytes) -> str:
 
 
 def timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    last_ts, last_text = _last_stamp[0]
+    if last_ts == ts:  # a batch's records share one clock reading
+        return last_text
+    text = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _last_stamp[0] = (ts, text)
+    return text
+
+
+_last_stamp: list[tuple[float | None, str]] = [(None, "")]
 
 
 def escape(value: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.access import Ask, challenge, passes_preflight
+from gateway.access import Ask, challenge, passes_preflight, refusal
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthorized
 from gateway.pages import error_response
 from gateway.routing import locate
@@ -48,9 +48,11 @@ async def forward_auth(
     if route.public or passes_preflight(method, request.headers, route):
         return web.Response(status=200, headers=headers)
     client = runtime.trusted.resolve(peer, request.headers.getall("X-Forwarded-For", [])).client
-    ask = Ask(method, host, target.match, client, request_id)
+    ask = Ask(method, host, target.match, client, request_id, target.query)
     try:
-        admission = await gateway.admit(request, route, ask, runtime)
+        admission = await gateway.admit(request, route, ask, runtime)  # and its audit record
+        if not admission.decision.allowed:
+            raise refusal(admission, runtime.policies[route.id], ask)
     except Unauthorized as error:  # a 401, never the login redirect: nginx cannot follow one
         response = error_response(request, error, request_id, runtime.secure)
         response.headers["WWW-Authenticate"] = challenge(error)

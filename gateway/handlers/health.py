@@ -14,6 +14,8 @@ async def healthz(request: web.BaseRequest, gateway: GatewayState, request_id: s
 
 async def readyz(request: web.BaseRequest, gateway: GatewayState, request_id: str) -> web.Response:
     checks = {"accepting": "draining" if gateway.draining else "ok"}
+    if gateway.audit is not None:
+        checks["audit_log"] = "ok" if gateway.audit.available else "failing"
     auth = gateway.auth
     if auth is not None:
         checks["session_store"] = "ok" if await auth.store.ping() else "unreachable"
