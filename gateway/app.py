@@ -39,6 +39,7 @@ from gateway.access import (
     passes_preflight,
     refusal,
 )
+from gateway.audit.files import FileLayer
 from gateway.audit.recorder import ANONYMOUS, Recorder, Who, open_recorder
 from gateway.audit.writer import AuditUnavailable
 from gateway.auth import Auth
@@ -103,7 +104,9 @@ LIMITED = {
 
 
 class Gateway:
-    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock = time.time, audit_files: FileLayer | None = None
+    ) -> None:
         self.runtime = Runtime.build(settings)  # replaced whole by a reload, never edited
         self.draining = False  # set when shutdown begins: readyz turns 503
         self.auth: Auth | None = None  # login, sessions, the IdP: only with protected routes
@@ -112,6 +115,7 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self._settings = settings
         self._clock = clock  # injectable: tests move time instead of waiting for it
+        self._audit_files = audit_files  # injectable: tests fail writes and watch fsyncs
         self._proxy = Proxy(scheme="https" if settings.server.tls else "http")
         self._request_ids = RequestIds()
         self._limiters = _limiters(settings.rate_limits)
@@ -119,7 +123,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.plugins = await asyncio.to_thread(load_plugins, self._settings.plugins)
-        self.audit = await open_recorder(self._settings, self._clock)
+        self.audit = await open_recorder(self._settings, self._clock, self._audit_files)
         events.add_sink(self.audit.event)  # every security event is a record too
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="audit:tick")
         try:

@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.admin import AdminApi, TokensFileError
 from gateway.app import Gateway
+from gateway.audit.files import FileLayer
 from gateway.events import Event, emit
 from gateway.sessions import Clock
 from gateway.settings import Settings
@@ -61,10 +62,13 @@ class Listening:
 
 
 async def listen(
-    settings: Settings, shutdown_timeout: float = SHUTDOWN_TIMEOUT, clock: Clock = time.time
+    settings: Settings,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    clock: Clock = time.time,
+    audit_files: FileLayer | None = None,
 ) -> Listening:
     admin = await AdminApi.open(settings)  # a bad tokens file stops start-up before any listener
-    gateway = Gateway(settings, clock)
+    gateway = Gateway(settings, clock, audit_files)
     await gateway.start()
     runner = web.ServerRunner(
         web.Server(gateway.handle, access_log=None),

@@ -27,6 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.audit.files import FileLayer
 from gateway.audit.record import keyed_hmac
 from gateway.audit.writer import AuditWriter, WriterConfig, origin_for
 from gateway.events import Event
@@ -201,7 +202,9 @@ class Recorder:
         return time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(ts))
 
 
-async def open_recorder(settings: Settings, clock: Callable[[], float] = time.time) -> Recorder:
+async def open_recorder(
+    settings: Settings, clock: Callable[[], float] = time.time, files: FileLayer | None = None
+) -> Recorder:
     """The process's audit log: its writer (chain continued or begun) and HMAC key."""
     audit = settings.audit
     if audit.signing_key_file is not None:
@@ -217,7 +220,7 @@ async def open_recorder(settings: Settings, clock: Callable[[], float] = time.ti
         for path in audit.previous_signing_key_files
     ]
     config = WriterConfig.from_settings(audit, origin_for(audit.origin))
-    writer = await AuditWriter.open(config, key, previous_keys=previous, clock=clock)
+    writer = await AuditWriter.open(config, key, previous_keys=previous, clock=clock, files=files)
     keys = settings.state.key_bytes
     # Without state.keys (public routes only) the HMACs are of this process alone.
     hmac_key = Keyring(keys).derive(_HMAC_LABEL) if keys else os.urandom(32)
