@@ -410,6 +410,7 @@ def announcement(running: Running, users_file: Path) -> str:
         f"  dev IdP:  {running.idp}",
         f"  whoami:   {running.whoami}   (the upstream: shows what the gateway sends it)",
         f"  state:    {running.state_dir}   (SQLite; removed on exit)",
+        f"  audit:    gateway audit tail {running.state_dir / 'audit'} -f   (in another terminal)",
         "",
         f"demo users (DEMO passwords, from {users_file}):",
         f"  {'user':<{name_w}}  {'password':<{pass_w}}  groups",

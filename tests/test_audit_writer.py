@@ -722,12 +722,10 @@ async def test_sigkill_mid_stream_then_the_chain_continues(
     await writer.close()
     records = verify(directory, keys, origin="child")
     kinds = types(records)
-    assert kinds.count("chain.reopened") == 1 and kinds[-3:] == [
-        "access",
-        "chain.closed",
-        "checkpoint",
-    ]
+    assert kinds.count("chain.reopened") == 1 and kinds[-2:] == ["chain.closed", "checkpoint"]
     reopened = kinds.index("chain.reopened")
+    # the record written after the restart (a timed checkpoint may come between)
+    assert [k for k in kinds[reopened + 1 : -2] if k != "checkpoint"] == ["access"]
     assert records[reopened]["after"] == "crash"
     if kinds[reopened - 1] == "recovery":  # the kill tore a line
         recovery = records[reopened - 1]
