@@ -24,6 +24,7 @@ pipeline below is the only router, and bench/ measured the difference
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -123,13 +124,17 @@ class Gateway:
 
     async def start(self) -> None:
         self.plugins = await asyncio.to_thread(load_plugins, self._settings.plugins)
-        self.audit = await open_recorder(self._settings, self._clock, self._audit_files)
+        await self.plugins.start()  # before the log: sinks anchor it from its first line
+        try:
+            self.audit = await open_recorder(
+                self._settings, self._clock, self._audit_files, self.plugins
+            )
+        except BaseException:
+            await self.plugins.close()
+            raise
         events.add_sink(self.audit.event)  # every security event is a record too
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="audit:tick")
         try:
-            await self.plugins.start()
-            self.audit.plugins = self.plugins
-            self.audit.writer.add_listener(self.plugins.on_records)  # off-host anchoring
             self.auth = await Auth.open(self._settings, clock=self._clock)
             if self.auth is not None:
                 self._proxy = Proxy(self._proxy.scheme, self.auth.cookies)
@@ -211,14 +216,18 @@ class Gateway:
             ask = Ask(request.method, host, target.match, client_ip, request_id, target.query)
             upstream = runtime.upstreams[route.id]
             if route.public or passes_preflight(request.method, request.headers, route):
-                self._record(request, route, ask, "allow", "public", ANONYMOUS, None, runtime)
+                written = self._record(
+                    request, route, ask, "allow", "public", ANONYMOUS, None, runtime
+                )
                 logged = True
+                await _on_disk(written)  # a public POST waits for its record too, or fails open
                 forward = Forward(upstream, target, host, addresses, request_id)
             else:
-                a = await self.admit(request, route, ask, runtime)
+                a, written = await self._decide(request, route, ask, runtime)
                 logged, anonymous = True, False
                 if not a.decision.allowed:
                     raise refusal(a, runtime.policies[route.id], ask)
+                await self._durable(written, runtime)
                 forward = Forward(
                     upstream, target, host, addresses, request_id, a.guard, a.identity
                 )
@@ -242,8 +251,18 @@ class Gateway:
     async def admit(
         self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime
     ) -> Admission:
-        """Stages 5-7 (proxy mode here, forward-auth in handlers/forwardauth): identify,
-        decide, record. A refused admission is returned for the caller to raise `refusal()`."""
+        """Stages 5-7 for forward-auth: identify, decide, record, and for an allowed request
+        its record on disk when it must be. A refused admission is returned for the caller to
+        raise `refusal()`."""
+        a, written = await self._decide(request, route, ask, runtime)
+        if a.decision.allowed:
+            await self._durable(written, runtime)
+        return a
+
+    async def _decide(
+        self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime
+    ) -> tuple[Admission, asyncio.Future[None] | None]:
+        """Stages 5-7: identify, decide (policy, then policy-check plugins), record."""
         auth = self.auth
         assert auth is not None  # settings refuse protected routes without an identity provider
         policy = runtime.policies[route.id]
@@ -266,9 +285,7 @@ class Gateway:
         written = self._record(
             request, route, ask, decision, a.decision.reason, who, a.decision.policy_hash, runtime
         )
-        if a.decision.allowed:
-            await self._durable(written, runtime)
-        return a
+        return a, written
 
     async def _plugin_check(self, a: Admission, route: Route, ask: Ask) -> Admission:
         """SPEC §9: a policy-check plugin can only deny (and denies when it fails)."""
@@ -355,12 +372,12 @@ class Gateway:
             return
         if logged:
             bytes_in = request.content.total_bytes if request.body_exists else 0
+            sent = response.body_length  # streamed (relay ends with write_eof), or a page
+            if not sent and isinstance(response, web.Response) and response.body is not None:
+                sent = len(response.body)  # type: ignore[arg-type]
             duration = time.monotonic() - started
-            status = response.status
-            audit.done(
-                request_id, status, bytes_in, response.body_length, duration, anonymous=anonymous
-            )
-        elif response.status >= 400:
+            audit.done(request_id, response.status, bytes_in, sent, duration, anonymous=anonymous)
+        elif reason != "-":  # refused before anyone was identified (a login redirect too)
             fields = {
                 "request_id": request_id,
                 "method": request.method,
@@ -412,6 +429,14 @@ class Gateway:
                 # SECURITY: login floods, state-cookie churn and logout-token guessing, per address.
                 raise TooManyRequests("too many requests; try again shortly", retry_after=wait)
         return await endpoint(request, self, request_id)
+
+
+async def _on_disk(written: asyncio.Future[None] | None) -> None:
+    """A public route's durable record: waited for; a log that cannot be written does not
+    stop public routes (docs/audit-log.md), the record is written when the disk recovers."""
+    if written is not None:
+        with contextlib.suppress(AuditUnavailable):
+            await written
 
 
 _TICK = 5.0  # seconds between audit ticks (access.summary at a minute's end)

@@ -227,6 +227,7 @@ class Proxy:
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(_CHUNK):
                 await response.write(chunk)
+            await response.write_eof()  # now, not after the handler: body_length is the record's
         except ConnectionResetError:
             pass  # the client went away; releasing the upstream response closes that side too
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -203,7 +203,10 @@ class Recorder:
 
 
 async def open_recorder(
-    settings: Settings, clock: Callable[[], float] = time.time, files: FileLayer | None = None
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    files: FileLayer | None = None,
+    plugins: Plugins | None = None,
 ) -> Recorder:
     """The process's audit log: its writer (chain continued or begun) and HMAC key."""
     audit = settings.audit
@@ -220,11 +223,16 @@ async def open_recorder(
         for path in audit.previous_signing_key_files
     ]
     config = WriterConfig.from_settings(audit, origin_for(audit.origin))
-    writer = await AuditWriter.open(config, key, previous_keys=previous, clock=clock, files=files)
+    listeners = [plugins.on_records] if plugins is not None else []
+    writer = await AuditWriter.open(
+        config, key, previous_keys=previous, clock=clock, files=files, listeners=listeners
+    )
     keys = settings.state.key_bytes
     # Without state.keys (public routes only) the HMACs are of this process alone.
     hmac_key = Keyring(keys).derive(_HMAC_LABEL) if keys else os.urandom(32)
-    return Recorder(writer, hmac_key, frozenset(audit.sync_methods), clock)
+    recorder = Recorder(writer, hmac_key, frozenset(audit.sync_methods), clock)
+    recorder.plugins = plugins
+    return recorder
 
 
 _HMAC_LABEL = "audit-hmac"

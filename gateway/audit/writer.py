@@ -215,8 +215,10 @@ class AuditWriter:
         previous_keys: Sequence[Ed25519PrivateKey] = (),
         clock: Callable[[], float] = time.time,
         files: FileLayer | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> AuditWriter:
-        """Continue the origin's chain (or begin it) and start writing.
+        """Continue the origin's chain (or begin it) and start writing; `listeners` hear
+        every line from the first (a sink re-verifying the chain needs its genesis).
 
         Raises AuditUnavailable when the chain cannot be read or repaired (the directory,
         its lock, a damaged last record). When the first records cannot be written, the
@@ -238,6 +240,8 @@ class AuditWriter:
             key,
         )
         writer = cls(config, chain, segments, clock, executor)
+        for listener in listeners:
+            writer.add_listener(listener)
         writer._pending += writer._start_items(tail, previous_keys)
         try:
             await writer.flush()
