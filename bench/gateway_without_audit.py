@@ -54,7 +54,10 @@ class NullWriter:
 
 
 async def open_null_recorder(
-    settings: Settings, clock: Callable[[], float] = time.time, files: object = None
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    files: object = None,
+    plugins: object = None,
 ) -> Recorder:
     methods = frozenset(settings.audit.sync_methods)
     return Recorder(NullWriter(), b"k" * 32, methods, clock)  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ def _config(tmp: Path, port: int, idp_port: int, upstream: str, key: str, admin:
         "sessions": {"cookie_name": "gateway"},
         "assertion": {"signing_key_file": str(tmp / "assertion-es256.pem")},
         "admin": {"listen": admin, "tokens_file": str(tmp / "admin-tokens")},
-        "audit": {"dir": str(tmp / "audit")},
+        "audit": {"dir": str(tmp / f"audit-{port}")},  # each process its own chain
         "routes": [
             {
                 "id": "bench",

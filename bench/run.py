@@ -936,6 +936,7 @@ class Results:
     rounds: int
     revocation: list[str] = field(default_factory=list)  # bench/revocation.py's report lines
     lookup: list[str] = field(default_factory=list)  # bench/lookup.py's report lines
+    writer: list[str] = field(default_factory=list)  # bench/audit_writer.py's report lines
     apart: dict[str, list[Measurement | None]] = field(default_factory=dict)  # subject -> rounds
     together: dict[str, list[float | None]] = field(default_factory=dict)  # ratio label -> rounds
 
@@ -1212,6 +1213,8 @@ def report(
     ]
     if results.lookup:
         parts += ["", *results.lookup]
+    if results.writer:
+        parts += ["", *results.writer]
     if results.revocation:
         parts += ["", *results.revocation]
     parts += disturbed(env, subjects, results)
@@ -1270,6 +1273,7 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
     results = run_rounds(env, subjects, args.rounds, args.duration)
     if any(s.name.startswith("session-") and not s.error for s in subjects):
         results.lookup = session_lookup(env)
+        results.writer = audit_writer(env)
     if any(s.name == "session-redis" and not s.error for s in subjects):
         import revocation  # bench/revocation.py: two processes sharing Redis
 
@@ -1277,9 +1281,31 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
         tmp.mkdir()
         try:
             results.revocation = revocation.measure(tmp, env.upstream_url).lines()
-        except (OSError, StartError, subprocess.SubprocessError) as error:
-            results.revocation = [f"Revocation latency: not measured ({error})"]
+        except Exception as error:  # run.StartError is another class than __main__.StartError
+            results.revocation = [f"Revocation latency: not measured ({error!r})"]
     return results
+
+
+def audit_writer(env: Env) -> list[str]:
+    """bench/audit_writer.py alone on the subject CPU: the records/s the audit writer sustains."""
+    argv = [
+        "taskset",
+        "-c",
+        str(env.subject_cpu),
+        sys.executable,
+        str(BENCH_DIR / "audit_writer.py"),
+    ]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        return [f"Audit writer: not measured ({error})"]
+    table = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    return [
+        "The audit writer alone (bench/audit_writer.py: access-like records submitted as fast as "
+        "they are taken, one write and one fsync per batch, on the subject CPU):",
+        "",
+        *table,
+    ]
 
 
 def session_lookup(env: Env) -> list[str]:

@@ -109,7 +109,7 @@ class Recorder:
             "reason": reason,
             "user": who.user,
             "sub": who.sub,
-            "groups": list(who.groups),
+            "groups": who.groups,  # a tuple: orjson writes it as a list
             "client": who.client,
             "session": who.session,
             "mfa": who.mfa,
@@ -119,9 +119,9 @@ class Recorder:
             "policy_hash": policy_hash,
         }
         anonymous = who.user is None
-        future = self.writer.submit("access", fields, durable=durable, anonymous=anonymous)
-        if self.plugins is not None:
+        if self.plugins is not None:  # first: the writer owns `fields` once it has them
             self.plugins.on_access(fields)
+        future = self.writer.submit("access", fields, durable=durable, anonymous=anonymous)
         return future if durable else None
 
     def done(

@@ -296,11 +296,12 @@ class AuditWriter:
     ) -> asyncio.Future[None] | None:
         """Queue a record; the future is resolved once it is on disk.
 
-        `fields` is handed over: it is serialized later, in the writer's thread, and must
-        not change. An anonymous record is dropped (None) while the queue holds
-        queue_max - reserved records; others are refused (a failed future) only when it is
-        full. While unhealthy, a durable record's future fails at once, but the record stays
-        queued and is written once the disk takes records again."""
+        `fields` is handed over: it is serialized later, in the writer's thread (which adds
+        the chain fields to a dict in place), and must not be touched again by the caller.
+        An anonymous record is dropped (None) while the queue holds queue_max - reserved
+        records; others are refused (a failed future) only when it is full. While unhealthy,
+        a durable record's future fails at once, but the record stays queued and is written
+        once the disk takes records again."""
         if type in _CHAIN_TYPES:
             raise ValueError(f"{type!r} records are written by the audit writer itself")
         queued = self._queued
