@@ -738,7 +738,7 @@ def test_every_request_of_the_run_has_its_records(real_log: RealLog) -> None:
         if sent.expect.record in ("access", "noise"):
             check_records(sent, by_id.get(sent.request_id, []), real_log.handle)
             checked += 1
-    assert checked >= 20
+    assert checked >= 15  # the run's fixed requests; the refresh polls add a varying number
     types = {r["type"] for r in records}
     events = {"auth.login", "session.created", "session.claims_changed", "session.ended"}
     assert events <= types, f"no {events - types} record"
