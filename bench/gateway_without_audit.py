@@ -42,6 +42,9 @@ class NullWriter:
         done.set_result(None)
         return done
 
+    def post(self, type: str, fields: Mapping[str, Any], *, anonymous: bool = False) -> bool:
+        return True
+
     def add_listener(self, fn: Callable[..., None]) -> None:
         pass
 

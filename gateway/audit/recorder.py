@@ -121,8 +121,10 @@ class Recorder:
         anonymous = who.user is None
         if self.plugins is not None:  # first: the writer owns `fields` once it has them
             self.plugins.on_access(fields)
-        future = self.writer.submit("access", fields, durable=durable, anonymous=anonymous)
-        return future if durable else None
+        if durable:
+            return self.writer.submit("access", fields, durable=True, anonymous=anonymous)
+        self.writer.post("access", fields, anonymous=anonymous)
+        return None
 
     def done(
         self,
@@ -141,7 +143,7 @@ class Recorder:
             "bytes_out": bytes_out,
             "duration_ms": round(duration * 1000, 3),
         }
-        self.writer.submit("access.done", fields, anonymous=anonymous)
+        self.writer.post("access.done", fields, anonymous=anonymous)
 
     def noise(self, status: int, reason: str, client_ip: str, fields: Mapping[str, Any]) -> None:
         """An unidentified client refused: a record while under the rate, else a tally."""
@@ -149,7 +151,7 @@ class Recorder:
         if self._noise < NOISE_PER_MINUTE:
             self._noise += 1
             record = {**fields, "status": status, "reason": reason, "client_ip": client_ip}
-            self.writer.submit("access", record, anonymous=True)
+            self.writer.post("access", record, anonymous=True)
             return
         self._folded[(status, reason)] += 1
         self._folded_clients[client_ip] += 1
@@ -159,7 +161,7 @@ class Recorder:
         self._roll()
 
     def event(self, event: Event) -> None:
-        self.writer.submit(event.type, dict(event.fields))
+        self.writer.post(event.type, dict(event.fields))
         if self.plugins is not None:
             self.plugins.on_event({"type": event.type, **event.fields})
 
@@ -180,7 +182,7 @@ class Recorder:
                 "clients": busiest,
                 "total": sum(self._folded.values()),
             }
-            self.writer.submit("access.summary", summary, anonymous=True)
+            self.writer.post("access.summary", summary, anonymous=True)
         self._folded.clear()
         self._folded_clients.clear()
 

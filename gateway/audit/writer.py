@@ -243,7 +243,9 @@ class AuditWriter:
         writer = cls(config, chain, segments, clock, executor)
         for listener in listeners:
             writer.add_listener(listener)
-        writer._pending += writer._start_items(tail, previous_keys)
+        first = writer._start_items(tail, previous_keys)
+        writer._pending += first
+        writer._queued += len(first)  # counted like submitted records until written
         try:
             await writer.flush()
         except AuditUnavailable as err:
@@ -323,6 +325,21 @@ class AuditWriter:
         if durable and not self._healthy:
             _fail(future, AuditUnavailable("the audit log cannot be written now"))
         return future
+
+    def post(self, type: str, fields: Mapping[str, Any], *, anonymous: bool = False) -> bool:
+        """`submit()` for a record nobody waits for (most of them): no future to make and
+        settle. False when it was dropped (see submit)."""
+        if type in _CHAIN_TYPES:
+            raise ValueError(f"{type!r} records are written by the audit writer itself")
+        queued = self._queued
+        full = self._closing or queued >= self._config.queue_max
+        if full or (anonymous and queued >= self._anonymous_max):
+            self._dropped += 1
+            return False
+        self._pending.append((type, fields, None, None))
+        self._queued = queued + 1
+        self._wake.set()
+        return True
 
     @property
     def healthy(self) -> bool:
@@ -525,7 +542,7 @@ class AuditWriter:
             except Exception as err:  # a value JSON cannot hold: that record fails alone
                 rejected.append((future, err))
                 continue
-            sealed += future is not None
+            sealed += 1  # every record sealed leaves the queue count once written
             self._since += 1
             if self._since >= every:
                 lines.append(self._checkpoint(now))
