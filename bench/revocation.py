@@ -65,7 +65,7 @@ def _config(tmp: Path, port: int, idp_port: int, upstream: str, key: str, admin:
         },
         "state": {"sessions": REDIS_URL, "records": "memory://", "keys": [key]},
         "sessions": {"cookie_name": "gateway"},
-        "assertion": {"signing_key_file": str(tmp / "assertion-es256.pem")},
+        "assertion": {"signing_key_file": str(run.assertion_key(tmp))},
         "admin": {"listen": admin, "tokens_file": str(tmp / "admin-tokens")},
         "audit": {"dir": str(tmp / f"audit-{port}")},  # each process its own chain
         "routes": [
@@ -109,7 +109,6 @@ def measure(tmp: Path, upstream: str, samples: int = 20) -> Latency:
     token = secrets.token_urlsafe(24)
     digest = hashlib.sha256(token.encode()).hexdigest()
     (tmp / "admin-tokens").write_text(f"bench:operate:{digest}\n")
-    run.assertion_key(tmp)
     key = base64.b64encode(os.urandom(32)).decode()
     ports = [run.free_port() for _ in range(5)]  # gateway A, gateway B, IdP, admin A, admin B
     a, b, idp, admin_a, admin_b = ports

@@ -664,19 +664,12 @@ def upstream_var(header: str) -> str:
 
 def assertion_key(directory: Path) -> Path:
     """An ES256 key for the identity assertion (required with Redis sessions)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from gateway.keyfiles import generate
 
-    path = directory / "assertion-es256.pem"
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.write_bytes(pem)
-    path.chmod(0o600)
-    return path
+    keys = directory / "keys"
+    if not keys.exists():
+        generate(keys)  # what `gateway keys generate` writes
+    return keys / "assertion-es256.pem"
 
 
 BENCH_CLIENT_SECRET = "bench-client-secret"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.events import Event, emit
 from gateway.policy import Identity, RoutePolicy, reachable
@@ -53,7 +53,6 @@ class Prepared:
     lost: tuple[Change, ...] = ()
     routes_added: tuple[str, ...] = ()
     routes_removed: tuple[str, ...] = ()
-    details: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

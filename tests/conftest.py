@@ -15,11 +15,10 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.keyfiles import generate
 from gateway.server import Listening, listen
 from gateway.settings import load_settings
 
@@ -233,13 +232,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 def assertion_key(tmp: Path) -> Path:
     """An ES256 key for the identity assertion (configs with Redis sessions need one)."""
-    path = tmp / "assertion-es256.pem"
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.write_bytes(pem)
-    path.chmod(0o600)
-    return path
+    keys = tmp / "keys"
+    if not keys.exists():
+        generate(keys)  # what `gateway keys generate` writes
+    return keys / "assertion-es256.pem"
