@@ -5,8 +5,9 @@
         evaluate      policy.evaluate(facts, route policy) -> Decision (default deny)
         activity      an allowed request outside idle_ignore_paths counts (touch)
         identity      X-Auth-Request-User/-Email/-Groups and X-Gateway-Assertion (SPEC §7)
-    refusal(admission, policy, ask) -> Denied (403), or Reauthenticate (auth-too-old: log in
-                      again with max_age); the caller records the decision first (audit)
+    refusal(admission, policy, ask) -> Denied (403), Reauthenticate (auth-too-old: log in
+                      again with max_age) or StepUp (mfa-required in a session: the MFA
+                      page); the caller records the decision first (audit)
 
 Proxy mode (gateway.app) and forward-auth (/.gateway/auth) both go through `admit`, so the
 two can never decide differently. `Ask` is what is being asked for: in proxy mode the
@@ -57,6 +58,15 @@ class Admission:
     guard: Guard | None = None  # closes a WebSocket when the session ends
 
 
+class StepUp(Unauthorized):
+    """The route needs a second factor this session has not shown: the MFA page (SPEC §6)."""
+
+    reason = "mfa-required"
+
+    def __init__(self) -> None:
+        super().__init__("this page needs a second factor")
+
+
 class Reauthenticate(Unauthorized):
     """The IdP's login is older than the route's max_auth_age: log in again (SPEC §3)."""
 
@@ -99,6 +109,8 @@ def challenge(error: Unauthorized) -> str:
         value += ', error="invalid_token"'
     elif isinstance(error, Reauthenticate):
         value += f', error="insufficient_user_authentication", max_age={int(error.max_age)}'
+    elif isinstance(error, StepUp):
+        value += ', error="insufficient_user_authentication", acr_values="mfa"'
     return value
 
 
@@ -121,7 +133,7 @@ def facts(auth: Auth, caller: Caller, ask: Ask) -> Facts:
         email_verified=caller.email_verified,
         groups=caller.groups,
         client=caller.client,
-        mfa=not auth.mfa_amr.isdisjoint(caller.amr),
+        mfa=caller.stepped_up or not auth.mfa_amr.isdisjoint(caller.amr),
         auth_time=caller.auth_time,
         method=ask.method,
         path=ask.path,
@@ -138,6 +150,8 @@ def refusal(admission: Admission, policy: RoutePolicy, ask: Ask) -> GatewayError
     # A browser can log in again at the IdP; a bearer token cannot, so it is simply denied.
     if decision.reason == "auth-too-old" and max_age is not None and caller.session is not None:
         return Reauthenticate(max_age)
+    if decision.reason == "mfa-required" and caller.session is not None:
+        return StepUp()
     detail = {
         "mfa-required": "this page needs a second factor, which this sign-in did not include",
         "auth-too-old": "this page needs a recent sign-in",

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, unquote
 
 from aiohttp import web
 
+from gateway.auth import Auth
 from gateway.errors import (
     BadRequest,
     Conflict,
@@ -281,6 +282,34 @@ async def reload(call: Call) -> web.Response:
     return json_response(payload, call.request_id, status=200 if prepared.ok else 422)
 
 
+async def enroll_link(call: Call) -> web.Response:
+    """A single-use MFA enrollment link for USER, valid 24 h (SPEC §6 `invite`)."""
+    auth = _auth(call.gateway)
+    user = call.params[0]
+    call.facts["subject"] = user
+    await _one_identity(auth, user)
+    token, expires = await auth.mfa.issue_link(user, call.token.name)
+    # The token goes to the admin who asked, never into the log or the call's event.
+    link = f"{auth.public_url}/.gateway/mfa/enroll?link={token}"
+    payload = {"user": user, "link": link, "expires": _time(expires)}
+    return json_response(payload, call.request_id)
+
+
+async def reset_mfa(call: Call) -> web.Response:
+    """Remove USER's second factor (and its lock); they enroll again through a new link."""
+    auth = _auth(call.gateway)
+    user = call.params[0]
+    call.facts["subject"] = user
+    identity = await _one_identity(auth, user)
+    if identity is None:
+        raise NotFound(f"{user!r} has no second factor", reason="unknown-user")
+    removed = await auth.mfa.reset(identity[0], identity[1], call.token.name)
+    call.facts["removed"] = removed
+    return json_response(
+        {"user": identity[1], "identity": identity[0], "removed": removed}, call.request_id
+    )
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", ("healthz",), "read", "healthz", healthz),
     Endpoint("GET", ("readyz",), "read", "readyz", readyz),
@@ -288,12 +317,35 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DELETE", ("sessions", None), "operate", "session_ended", end_session),
     Endpoint("POST", ("users", None, "revoke"), "operate", "user_revoked", revoke_user),
     Endpoint("POST", ("reload",), "operate", "reloaded", reload),
+    Endpoint("POST", ("users", None, "enroll-link"), "admin", "enroll_link_issued", enroll_link),
+    Endpoint("POST", ("users", None, "reset-mfa"), "admin", "mfa_reset", reset_mfa),
 )
 
 
 def _sessions(gateway: GatewayState) -> Sessions | None:
     """The gateway's sessions; None when every route is public (so there are none)."""
     return gateway.auth.sessions if gateway.auth is not None else None
+
+
+def _auth(gateway: GatewayState) -> Auth:
+    if gateway.auth is None:
+        raise NotFound("this gateway has no protected routes, so no users", reason="no-endpoint")
+    return gateway.auth
+
+
+async def _one_identity(auth: Auth, user: str) -> tuple[str, str] | None:
+    """(iss|sub, user) of the one enrolled identity USER names; None if none is enrolled;
+    Conflict if several identities are known by that name."""
+    if _is_identity(user):
+        factor = await auth.mfa.factor(user)
+        return (user, factor.user) if factor is not None else None
+    factors = await auth.mfa.factors_named(user)
+    known = {f.identity for f in factors} | await auth.sessions.identities_named(user)
+    if len(known) > 1:
+        # SECURITY: never guess which person an operator meant.
+        names = ", ".join(sorted(known))
+        raise Conflict(f"{user!r} names {len(known)} identities ({names}); give one as ISS|SUB")
+    return (factors[0].identity, factors[0].user) if factors else None
 
 
 def _query_user(raw_path: str) -> str | None:

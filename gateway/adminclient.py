@@ -1,7 +1,8 @@
-"""A client of the admin API (SPEC §10, §11): what `gateway sessions list|revoke` runs.
+"""A client of the admin API (SPEC §10, §11): what `gateway sessions …` and `users …` run.
 
     sessions_command(admin, token, action, selection, env, as_json=False) -> str
         the text for stdout, or CallFailed (one line for stderr: what failed, and the status)
+    users_command(admin, token, action, user, env) -> str      enroll-link, reset-mfa
     AdminClient(admin, token, env)          async context manager; `.call(method, path)` -> JSON
 
 The address is the config's `admin.listen` (a wildcard address becomes loopback), over https
@@ -81,6 +82,26 @@ async def _sessions_command(
         if action == "list":
             return await list_sessions(client, selection, as_json)
         return await revoke_sessions(client, selection)
+
+
+def users_command(admin: Admin, token: str, action: str, user: str, env: Mapping[str, str]) -> str:
+    """Run `gateway users ACTION USER` (enroll-link, reset-mfa); what to print."""
+    return asyncio.run(_users_command(admin, token, action, user, env))
+
+
+async def _users_command(
+    admin: Admin, token: str, action: str, user: str, env: Mapping[str, str]
+) -> str:
+    async with AdminClient(admin, token, env) as client:
+        answer = await client.call("POST", f"/users/{quote(user, safe='')}/{action}")
+    if action == "enroll-link":
+        return (
+            f"{answer['link']}\n(single use, for {_shown(answer.get('user'))} only, "
+            f"valid until {_shown(answer.get('expires'))} UTC)"
+        )
+    if answer.get("removed"):
+        return f"removed the second factor of {_shown(answer.get('user'))}"
+    return f"{_shown(answer.get('user'))} had no second factor"
 
 
 class AdminClient:

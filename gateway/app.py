@@ -35,6 +35,7 @@ from gateway.access import (
     Admission,
     Ask,
     Reauthenticate,
+    StepUp,
     admit,
     challenge,
     passes_preflight,
@@ -61,6 +62,7 @@ from gateway.handlers import (
     jwks,
     login,
     logout,
+    mfa,
     sessions,
 )
 from gateway.pages import error_response, redirect, wants_html
@@ -93,6 +95,8 @@ ENDPOINTS: dict[str, tuple[frozenset[str], Endpoint]] = {
     "/.gateway/logout": (GET_POST, logout.logout),
     "/.gateway/backchannel-logout": (POST, backchannel.backchannel_logout),
     "/.gateway/sessions": (GET_POST, sessions.my_sessions),
+    "/.gateway/mfa": (GET_POST, mfa.mfa),
+    "/.gateway/mfa/enroll": (GET_POST, mfa.enroll),
     "/.gateway/jwks.json": (GET, jwks.jwks),
     "/.gateway/auth": (GET, forwardauth.forward_auth),
 }
@@ -101,6 +105,8 @@ LIMITED = {
     "/.gateway/login": "login",
     "/.gateway/callback": "callback",
     "/.gateway/backchannel-logout": "backchannel_logout",
+    "/.gateway/mfa": "mfa",
+    "/.gateway/mfa/enroll": "mfa",
 }
 
 
@@ -403,6 +409,8 @@ class Gateway:
             port = "" if public.port in (80, 443) else f":{public.port}"
             query = f"?{target.query}" if target.query else ""
             rd = f"{public.scheme}://{host}{port}{target.path}{query}"
+            if isinstance(error, StepUp):
+                return redirect(self.auth.mfa_url(rd), request_id)
             max_age = error.max_age if isinstance(error, Reauthenticate) else None
             return redirect(self.auth.login_url(rd, max_age), request_id)
         response = error_response(request, error, request_id, runtime.secure)
@@ -444,7 +452,8 @@ _MAX_LOGGED_PATH = 1024  # an unidentified client's path is kept to this length
 
 
 def _limiters(limits: RateLimits) -> dict[str, RateLimiter]:
-    return {
-        path: RateLimiter(getattr(limits, name).count, getattr(limits, name).window)
-        for path, name in LIMITED.items()
+    buckets = {
+        name: RateLimiter(getattr(limits, name).count, getattr(limits, name).window)
+        for name in set(LIMITED.values())
     }
+    return {path: buckets[name] for path, name in LIMITED.items()}  # one budget per name

@@ -26,10 +26,12 @@ from gateway.cookies import Cookies
 from gateway.errors import Unauthorized
 from gateway.events import Event, emit
 from gateway.keyring import Keyring
+from gateway.mfa import Mfa
 from gateway.oidc import ClientConfig, IdpUnavailable, Provider, TokenRejected
 from gateway.sessions import Clock, Limits, Session, SessionInvalid, Sessions
 from gateway.settings import Settings
 from gateway.store import SessionStore, open_session_store
+from gateway.store.records import open_record_store
 
 log = logging.getLogger("gateway.auth")
 
@@ -80,11 +82,13 @@ class Auth:
         http: aiohttp.ClientSession,
         clock: Clock,
         assertions: Assertions,
+        mfa: Mfa,
     ) -> None:
         self.settings = settings  # replaced by a reload (only routes and policies may change)
         self.assertions = assertions  # X-Gateway-Assertion and /.gateway/jwks.json
         self.provider = provider
         self.sessions = sessions
+        self.mfa = mfa  # TOTP at the gateway, its enrollments in the record store (SPEC §6)
         self.store = store
         self.keyring = keyring
         self.clock = clock
@@ -117,7 +121,13 @@ class Auth:
             keys, str(settings.server.public_url).rstrip("/"), settings.assertion.ttl, clock
         )
         store = await open_session_store(settings.state.sessions, clock=clock)
+        try:
+            records = await open_record_store(settings.state.records)
+        except BaseException:
+            await store.close()
+            raise
         keyring = Keyring(settings.state.key_bytes)
+        mfa = Mfa(records, store, keyring, issuer=settings.mfa.totp_issuer, clock=clock)
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
         secret = identity.client_secret.get_secret_value() if identity.client_secret else ""
         client = ClientConfig(
@@ -136,13 +146,14 @@ class Auth:
         )
         sessions = Sessions(store, keyring, limits, clock=clock)
         await sessions.start()
-        auth = cls(settings, provider, sessions, store, keyring, http, clock, assertions)
+        auth = cls(settings, provider, sessions, store, keyring, http, clock, assertions, mfa)
         await auth.discover()  # an IdP that is down now is retried on demand
         return auth
 
     async def close(self) -> None:
         await self.sessions.close()
         await self.store.close()
+        await self.mfa.records.close()
         await self._http.close()
 
     async def discover(self) -> bool:
@@ -273,6 +284,10 @@ class Auth:
             *(r.host for r in self.settings.routes if r.host and "*" not in r.host),
         }
         return origin in {f"{public.scheme}://{host}{port}" for host in hosts}
+
+    def mfa_url(self, rd: str) -> str:
+        """The MFA page on public_url's host, where the login's cookie lives (SPEC §6)."""
+        return f"{self.public_url}/.gateway/mfa?rd={quote(rd, safe='')}"
 
     def login_url(self, rd: str, max_age: float | None = None) -> str:
         url = f"{self.public_url}/.gateway/login?rd={quote(rd, safe='')}"

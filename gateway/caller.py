@@ -35,9 +35,14 @@ class Caller:
     email_verified: bool = False
     amr: tuple[str, ...] = ()
     auth_time: float | None = None
+    stepped_up: bool = False  # the gateway verified a TOTP or recovery code in this session
 
     @classmethod
     def of(cls, session: Session) -> Caller:
+        stepped_up = session.mfa_at is not None
+        amr = session.amr
+        if stepped_up and "otp" not in amr:
+            amr = (*amr, "otp")  # RFC 8176: the upstream's assertion says how the user proved it
         return cls(
             session.user,
             session.sub,
@@ -46,8 +51,9 @@ class Caller:
             None,
             session.email,
             session.email_verified,
-            session.amr,
+            amr,
             session.auth_time,
+            stepped_up,
         )
 
 

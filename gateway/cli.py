@@ -9,9 +9,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.settings import Admin
 
 EXIT_USAGE = 2
 
@@ -63,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every session")
     sessions.add_argument("--json", action="store_true", help="list as JSON")
     sessions.set_defaults(func=_sessions)
+    users = commands.add_parser(
+        "users", help="a user's second factor, through the running gateway's admin API"
+    )
+    users.add_argument("action", choices=["enroll-link", "reset-mfa"])
+    users.add_argument("-c", "--config", required=True, metavar="FILE")
+    users.add_argument("user", metavar="USER", help="a user_claim value, or ISS|SUB")
+    users.set_defaults(func=_users)
     keys = commands.add_parser("keys", help="make the assertion and audit signing keys")
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("dir", metavar="DIR", help="where to write them (made 0700 if missing)")
@@ -287,31 +297,60 @@ def _sessions(args: argparse.Namespace) -> int:
     import os
 
     from gateway.adminclient import CallFailed, Selection, sessions_command
-    from gateway.settings import ConfigError, load_settings
 
     if args.action == "revoke" and not (args.user or args.handle or args.all):
         return _usage("sessions revoke needs --user U, --id HANDLE or --all")
     if "" in (args.user, args.handle):
         return _usage("--user and --id need a value")
-    token = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
-    if not (token and token.isascii() and token.isprintable()):
-        return _usage("set GATEWAY_ADMIN_TOKEN to an admin API token (see docs/admin-api.md)")
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return EXIT_USAGE
-    if settings.admin is None:
-        return _usage(f"{args.config} has no admin: section, so there is no admin API to call")
+    target = _admin_target(args.config)
+    if isinstance(target, int):
+        return target
+    admin, token = target
     selection = Selection(args.user, args.handle, args.all)
     try:
-        print(
-            sessions_command(settings.admin, token, args.action, selection, os.environ, args.json)
-        )
+        print(sessions_command(admin, token, args.action, selection, os.environ, args.json))
     except CallFailed as failed:
         print(f"gateway: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _users(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.adminclient import CallFailed, users_command
+
+    if not args.user.strip():
+        return _usage("USER needs a value: a user_claim value, or ISS|SUB")
+    target = _admin_target(args.config)
+    if isinstance(target, int):
+        return target
+    admin, token = target
+    try:
+        print(users_command(admin, token, args.action, args.user, os.environ))
+    except CallFailed as failed:
+        print(f"gateway: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _admin_target(config: str) -> tuple[Admin, str] | int:
+    """The config's admin API and the token from GATEWAY_ADMIN_TOKEN, or an exit status."""
+    import os
+
+    from gateway.settings import ConfigError, load_settings
+
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
+    if not (token and token.isascii() and token.isprintable()):
+        return _usage("set GATEWAY_ADMIN_TOKEN to an admin API token (see docs/admin-api.md)")
+    try:
+        settings = load_settings(config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    if settings.admin is None:
+        return _usage(f"{config} has no admin: section, so there is no admin API to call")
+    return settings.admin, token
 
 
 def _usage(message: str) -> int:

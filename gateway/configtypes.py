@@ -239,6 +239,7 @@ class Upstream(str):
         return self
 
 
+_QUERY_PASSWORD = re.compile(r"((?:^|&)(?:password|passwd|pwd)=)[^&]*", re.IGNORECASE)
 _SESSION_SCHEMES = ("memory", "sqlite", "redis", "rediss", "redis+sentinel", "redis+cluster")
 _RECORD_SCHEMES = ("memory", "sqlite", "postgresql", "postgres")
 
@@ -252,10 +253,16 @@ class StoreUrl(str):
 
     def masked(self) -> str:
         parts = urlsplit(self)
-        if parts.password is None:
-            return str(self)
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        return parts._replace(netloc=netloc).geturl()
+        if parts.password is None and not _QUERY_PASSWORD.search(parts.query):
+            return str(self)  # unchanged (geturl would drop the empty netloc of memory://)
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+            parts = parts._replace(netloc=netloc)
+        if parts.query:
+            # SECURITY: asyncpg and redis-py also take `?password=…`; mask it there too.
+            query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+            parts = parts._replace(query=query)
+        return parts.geturl()
 
     def __repr__(self) -> str:
         # SECURITY: repr(settings) ends up in tracebacks and debug logs; keep passwords out.

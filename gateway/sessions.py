@@ -81,6 +81,7 @@ class Session:
     refresh_after: float | None = None  # renew claims from then on (before the ID token expires)
     version: int = 1  # bumped whenever claims change (assertions are cached per version)
     email_verified: bool = False  # the IdP said email_verified: true
+    mfa_at: float | None = None  # when a TOTP or recovery code was verified by the gateway
 
     @property
     def identity(self) -> str:
@@ -207,16 +208,41 @@ class Sessions:
             email_verified=email_verified,
         )
         await self._save(session)
-        ttl = self.limits.max_lifetime
-        await self._store.index_add("user-sessions", _digest(session.identity), key, ttl)
-        if sid:
-            await self._store.index_add("sid-sessions", _digest(f"{iss}|{sid}"), key, ttl)
-        await self._store.index_add(_ALL, "all", key, ttl)
-        await self._store.index_add(_HANDLES, session.handle, key, ttl)
-        await self._store.index_add(_NAMES, _digest(user.lower()), session.identity, ttl)
+        await self._index(session)
         await self._enforce_max_per_user(session)
         emit(Event("session.created", {"session": session.handle, "user": user, "sub": sub}))
         return cookie_id, session
+
+    async def rotate(self, session: Session, reason: str, **changes: object) -> tuple[str, Session]:
+        """The same session under a new id (after a privilege step such as MFA): the old id
+        stops working everywhere at once. (the new cookie id, the session)."""
+        cookie_id = secrets.token_urlsafe(32)
+        key = self.keys_for(cookie_id)[0]
+        fresh = replace(
+            session,
+            key=key,
+            handle=self.handle_of(key),
+            version=session.version + 1,
+            **changes,  # type: ignore[arg-type]
+        )
+        await self._save(fresh)
+        await self._index(fresh)
+        # SECURITY: a session id seen before the step (fixation, a shoulder) is worth nothing.
+        await self.end(session.key, reason, actor=session.user)
+        fields = {"session": fresh.handle, "user": fresh.user, "sub": fresh.sub}
+        emit(Event("session.rotated", {**fields, "previous": session.handle, "reason": reason}))
+        return cookie_id, fresh
+
+    async def _index(self, session: Session) -> None:
+        ttl = self._ttl(session)
+        key = session.key
+        await self._store.index_add("user-sessions", _digest(session.identity), key, ttl)
+        if session.sid:
+            sid = _digest(f"{session.iss}|{session.sid}")
+            await self._store.index_add("sid-sessions", sid, key, ttl)
+        await self._store.index_add(_ALL, "all", key, ttl)
+        await self._store.index_add(_HANDLES, session.handle, key, ttl)
+        await self._store.index_add(_NAMES, _digest(session.user.lower()), session.identity, ttl)
 
     async def load(self, cookie_id: str) -> Session:
         """The session for a cookie id, or SessionInvalid; limits are checked by `check`."""

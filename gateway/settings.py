@@ -235,6 +235,7 @@ class RateLimits(_Model):
     login: RateLimit = RateLimit(count=30, window=60.0)
     callback: RateLimit = RateLimit(count=30, window=60.0)
     backchannel_logout: RateLimit = RateLimit(count=120, window=60.0)
+    mfa: RateLimit = RateLimit(count=30, window=60.0)  # /.gateway/mfa and its enrollment page
 
 
 class BreakGlass(_Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import orjson
 import pytest
 import yaml
@@ -228,6 +230,38 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield REDIS_URL
         await admin.flushdb()
         await admin.aclose()
+
+
+# -- record stores: a PostgreSQL schema of each test's own ---------------------------------------
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def pg_admin(dsn: str = PG_DSN) -> Any:
+    """An asyncpg connection to the test database; skips (or fails in CI) if it is not there."""
+    try:
+        return await asyncpg.connect(dsn, timeout=2.0)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as err:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI ({dsn}): {err!r}")
+        pytest.skip(f"PostgreSQL is not reachable at {dsn} ({err!r}); with CI=true this fails")
+
+
+@pytest.fixture(name="pg_records")
+async def pg_schema() -> AsyncIterator[str]:
+    """The record store URL of a fresh schema `gw_test_<hex>`, dropped afterwards."""
+    schema = f"gw_test_{secrets.token_hex(6)}"
+    admin = await pg_admin()
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await admin.close()
+    yield f"{PG_DSN}?search_path={schema}"
+    admin = await pg_admin()
+    try:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await admin.close()
 
 
 def assertion_key(tmp: Path) -> Path:

@@ -650,8 +650,14 @@ def amr_is(amr: object) -> Callable[[dict[str, Any], dict[str, Any]], TokenOverr
 async def test_a_login_without_a_second_factor_is_refused_on_an_mfa_route(env: Env) -> None:
     browser = await signed_in(env)  # the dev IdP's default amr: [pwd]
     resp = await browser.get(env.base + "/mfa/x", headers=JSON, allow_redirects=False)
-    assert resp.status == 403
+    assert resp.status == 401  # RFC 9470: a stronger authentication is needed
     assert (await resp.json())["reason"] == "mfa-required"
+    assert 'acr_values="mfa"' in resp.headers["WWW-Authenticate"]
+    page = await browser.get(env.base + "/mfa/x?a=1", headers=HTML, allow_redirects=False)
+    assert page.status == 302  # a browser is sent to the MFA page, and back afterwards
+    assert page.headers["Location"] == (
+        env.base + "/.gateway/mfa?rd=" + quote(env.base + "/mfa/x?a=1", safe="")
+    )
     assert (await browser.get(env.base + "/app/x", headers=JSON)).status == 200  # no MFA needed
     assert env.hits_to("mfa") == []
 
@@ -680,7 +686,7 @@ async def test_a_malformed_amr_is_no_second_factor_and_breaks_nothing(
     resp = await browser.get(env.base + "/app/x", headers=JSON, allow_redirects=False)
     assert resp.status == 200, await resp.text()
     resp = await browser.get(env.base + "/mfa/x", headers=JSON, allow_redirects=False)
-    assert resp.status == 403, await resp.text()
+    assert resp.status == 401, await resp.text()
     assert (await resp.json())["reason"] == "mfa-required"
     assert env.hits_to("mfa") == []
 

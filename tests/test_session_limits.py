@@ -720,6 +720,7 @@ async def test_a_redis_restart_fails_closed_and_recovers(
                 "accepting": "ok",
                 "audit_log": "ok",
                 "session_store": "ok",
+                "record_store": "ok",
                 "revocations": "ok",
                 "identity_provider": "ok",
             },

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from gateway.store import SessionStore, StoreUnavailable, open_session_store
 from gateway.store import redis as redis_store
 from gateway.store.redis import RedisStore, RedisTarget, parse_redis_url
-from gateway.store.sqlite import sqlite_path
+from gateway.store.sqlite import SqliteStore, sqlite_path
 from tests.conftest import IN_CI, redis_admin
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -247,6 +247,74 @@ async def test_concurrent_increments_are_all_counted(harness: Harness) -> None:
     assert sorted(counts) == list(range(1, 21))
 
 
+# -- advance (the last accepted TOTP step) ----------------------------------------------------
+
+
+async def test_advance_stores_a_first_value_and_then_only_greater_ones(harness: Harness) -> None:
+    store = harness.store
+    assert await store.advance("totp-step", "alice", -5, 60) is True  # any int: only compared
+    assert await store.get("totp-step", "alice") == b"-5"
+    assert await store.advance("totp-step", "alice", 0, 60) is True
+    assert await store.advance("totp-step", "alice", 56_666_666, 60) is True
+    assert await store.get("totp-step", "alice") == b"56666666"
+    assert await store.advance("totp-step", "bob", 3, 60) is True  # another key: its own value
+
+
+async def test_advance_refuses_an_equal_or_smaller_value(harness: Harness) -> None:
+    store = harness.store
+    assert await store.advance("totp-step", "alice", 123, 60) is True
+    assert await store.advance("totp-step", "alice", 123, 60) is False  # a replayed code
+    assert await store.advance("totp-step", "alice", 122, 60) is False  # an older code
+    assert await store.advance("totp-step", "alice", -1, 60) is False
+    assert await store.get("totp-step", "alice") == b"123"
+
+
+async def test_advance_refuses_over_a_live_value_that_is_no_integer(harness: Harness) -> None:
+    store = harness.store
+    for raw in (b"not a number", b"", b"007", b" 12", b"-0", b"1.5", b"\xff"):
+        await store.put("totp-step", "alice", raw, 60)
+        assert await store.advance("totp-step", "alice", 10**9, 60) is False  # fails closed
+        assert await store.get("totp-step", "alice") == raw
+
+
+async def test_advance_accepts_a_smaller_value_once_the_ttl_expired(harness: Harness) -> None:
+    store = harness.store
+    assert await store.advance("totp-step", "alice", 100, 0.2) is True
+    assert await store.advance("totp-step", "alice", 50, 60) is False
+
+    async def free_again() -> bool:
+        return await store.advance("totp-step", "alice", 50, 60)
+
+    await harness.until(free_again, after=0.25)
+    assert await store.get("totp-step", "alice") == b"50"
+    assert await store.advance("totp-step", "alice", 50, 60) is False  # stored for 60 s now
+
+
+async def test_of_concurrent_advances_with_one_value_exactly_one_stores(harness: Harness) -> None:
+    stores = [harness.store, await harness.peer()]
+    for round_ in range(5):
+        calls = [stores[i % 2].advance("totp-step", f"u{round_}", 777, 60) for i in range(20)]
+        assert (await asyncio.gather(*calls)).count(True) == 1
+        assert await harness.store.get("totp-step", f"u{round_}") == b"777"
+
+
+async def test_concurrent_advances_end_at_the_greatest_value(harness: Harness) -> None:
+    stores = [harness.store, await harness.peer()]
+    values = [(i * 37) % 20 for i in range(20)]  # 0..19, shuffled
+    calls = [stores[i % 2].advance("totp-step", "alice", v, 60) for i, v in enumerate(values)]
+    results = await asyncio.gather(*calls)
+    assert results[values.index(19)] is True
+    assert await harness.store.get("totp-step", "alice") == b"19"
+
+
+async def test_delete_removes_an_advanced_value(harness: Harness) -> None:
+    store = harness.store
+    assert await store.advance("totp-step", "alice", 9, 60) is True
+    assert await store.delete("totp-step", "alice") is True
+    assert await store.get("totp-step", "alice") is None
+    assert await store.advance("totp-step", "alice", 1, 60) is True
+
+
 # -- index sets --------------------------------------------------------------------------------
 
 
@@ -391,6 +459,8 @@ async def test_bad_kinds_are_refused(harness: Harness, kind: str) -> None:
         await harness.store.put(kind, "k", b"x", 60)
     with pytest.raises(ValueError, match="kind"):
         await harness.store.index_add(kind, "k", "m", 60)
+    with pytest.raises(ValueError, match="kind"):
+        await harness.store.advance(kind, "k", 1, 60)
 
 
 @pytest.mark.parametrize("ttl", [0, -1.0])
@@ -399,6 +469,8 @@ async def test_a_ttl_must_be_positive(harness: Harness, ttl: float) -> None:
         await harness.store.put("session", "k", b"x", ttl)
     with pytest.raises(ValueError, match="TTL"):
         await harness.store.incr("session", "k", ttl)
+    with pytest.raises(ValueError, match="TTL"):
+        await harness.store.advance("session", "k", 1, ttl)
 
 
 # -- opening -----------------------------------------------------------------------------------
@@ -462,6 +534,44 @@ async def test_a_closed_sqlite_store_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await store.get("session", "a")
     assert await store.ping() is False
+
+
+OpenSqlite = Callable[[], Awaitable[SqliteStore]]
+
+
+@pytest.fixture
+async def open_sqlite(tmp_path: Path) -> AsyncIterator[OpenSqlite]:
+    """Open SqliteStores on one file, each its own connection (as another process would);
+    all closed afterwards, even when a test fails (their threads would keep pytest alive)."""
+    clock = Clock()
+    opened: list[SqliteStore] = []
+
+    async def open_() -> SqliteStore:
+        opened.append(await SqliteStore.open(str(tmp_path / "state.db"), clock=clock))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        await store.close()
+
+
+async def test_two_sqlite_stores_on_one_file_race_advance_and_one_wins(
+    open_sqlite: OpenSqlite,
+) -> None:
+    stores = (await open_sqlite(), await open_sqlite())
+    for round_ in range(10):
+        calls = [stores[i % 2].advance("totp-step", f"u{round_}", 5, 60) for i in range(20)]
+        assert (await asyncio.gather(*calls)).count(True) == 1
+    assert await stores[1].get("totp-step", "u0") == b"5"
+
+
+async def test_sqlite_advance_takes_signed_64_bit_values(open_sqlite: OpenSqlite) -> None:
+    store = await open_sqlite()
+    assert await store.advance("totp-step", "a", 2**63 - 1, 60) is True
+    assert await store.get("totp-step", "a") == b"%d" % (2**63 - 1)
+    for value in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="64-bit"):
+            await store.advance("totp-step", "b", value, 60)
 
 
 # -- Redis: URLs, outages, reconnection --------------------------------------------------------
@@ -558,6 +668,7 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
         lambda: store.take("session", "a"),
         lambda: store.put_if_absent("jti", "a", b"x", 60),
         lambda: store.incr("rate", "a", 60),
+        lambda: store.advance("totp-step", "a", 1, 60),
         lambda: store.index_add("user-sessions", "a", "s", 60),
         lambda: store.index_members("user-sessions", "a"),
         lambda: store.index_remove("user-sessions", "a", "s"),
@@ -632,9 +743,14 @@ async def test_redis_keys_carry_their_ttl(admin: Redis) -> None:
     await store.put("session", "a", b"x", 30)
     await store.incr("rate", "ip", 20)
     await store.index_add("user-sessions", "alice", "s1", 40)
+    await store.advance("totp-step", "alice", 7, 25)
     assert 29_000 < await admin.pttl("gw:v:session:a") <= 30_000
     assert 19_000 < await admin.pttl("gw:v:rate:ip") <= 20_000
     assert 39_000 < await admin.pttl("gw:i:user-sessions:alice") <= 40_000
+    assert 24_000 < await admin.pttl("gw:v:totp-step:alice") <= 25_000
+    await store.advance("totp-step", "alice", 8, 50)  # a stored step gets the new TTL
+    assert 49_000 < await admin.pttl("gw:v:totp-step:alice") <= 50_000
+    assert await admin.get("gw:v:totp-step:alice") == b"8"
     await store.close()
 
 

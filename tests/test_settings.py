@@ -467,6 +467,15 @@ def test_store_url_password_is_masked_in_repr(tmp_path: Path) -> None:
     assert "pa55word" not in summary(settings)
 
 
+def test_a_password_in_a_store_urls_query_is_masked_too(tmp_path: Path) -> None:
+    url = "postgresql://gw@db.example.org/gw?search_path=gw&password=pa55word"
+    text = PUBLIC.replace("records: memory://", f"records: {url}")
+    settings = load(tmp_path, text)
+    assert settings.state.records == url
+    assert "pa55word" not in repr(settings) and "pa55word" not in summary(settings)
+    assert "search_path=gw" in summary(settings)  # only the password is hidden
+
+
 def test_models_built_in_python_take_plain_seconds() -> None:
     route = Route(id="r", upstream="http://127.0.0.1:1", timeout=0.25, public=True)
     assert route.timeout == 0.25

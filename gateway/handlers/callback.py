@@ -9,7 +9,9 @@ the same subject, and a new session created under a new id. Every refusal is an
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -18,6 +20,7 @@ from gateway.errors import BadRequest, ServiceUnavailable
 from gateway.events import Event, emit
 from gateway.handlers.login import after_login, need_auth
 from gateway.oidc import IdpUnavailable, Pkce, TokenRejected, Tokens
+from gateway.pages import page
 from gateway.types import GatewayState
 
 
@@ -149,7 +152,20 @@ async def _start_session(
             },
         )
     )
-    response = await after_login(auth, cookie_id, state.rd, request_id)
+    notice = await auth.mfa.take_notice(session.identity)
+    if notice is None:
+        response = await after_login(auth, cookie_id, state.rd, request_id)
+    else:  # SPEC §6: "a new authenticator was enrolled", on the next login
+        response = page(
+            "mfa_notice.html",
+            request_id,
+            secure=auth.cookies.secure,
+            user=session.user,
+            what=notice.what,
+            actor=notice.actor,
+            at=datetime.fromtimestamp(notice.at, UTC).strftime("%Y-%m-%d %H:%M"),
+            next=f"/.gateway/login?rd={quote(state.rd, safe='')}",
+        )
     auth.cookies.set_session(response, cookie_id)
     return response
 

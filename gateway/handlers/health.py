@@ -19,6 +19,7 @@ async def readyz(request: web.BaseRequest, gateway: GatewayState, request_id: st
     auth = gateway.auth
     if auth is not None:
         checks["session_store"] = "ok" if await auth.store.ping() else "unreachable"
+        checks["record_store"] = "ok" if await auth.mfa.records.ping() else "unreachable"
         checks["revocations"] = "ok" if auth.sessions.connected else "unsubscribed"
         checks["identity_provider"] = "ok" if await auth.discover() else "unreachable"
     ready = all(v == "ok" for v in checks.values())

@@ -4,7 +4,9 @@ A browser that already has a valid session is not sent to the IdP again: it goes
 to `rd`, through the handoff when `rd` is on another route host. `max_age` (a route's
 `max_auth_age`, sent by the pipeline on `auth-too-old`) forces a fresh login at the IdP
 (`prompt=login`, `max_age`), and the callback checks the returned `auth_time` again, since
-an IdP may ignore the prompt.
+an IdP may ignore the prompt. `step_up=mfa` (what forward-auth's nginx example adds when
+the gateway answered 401 for `mfa-required`) sends a signed-in browser to the MFA page
+instead of straight back, which would loop.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ async def login(request: web.BaseRequest, gateway: GatewayState, request_id: str
     if cookie_id is not None and not forced:
         try:
             await auth.sessions.check(await auth.sessions.load(cookie_id))
+            if request.query.get("step_up") == "mfa":  # forward-auth's 401 for mfa-required
+                return redirect(auth.mfa_url(rd), request_id)
             return await after_login(auth, cookie_id, rd, request_id)
         except SessionInvalid:
             pass  # a stale cookie: log in again

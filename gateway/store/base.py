@@ -12,8 +12,8 @@ digits, so `get` reads it and `delete` resets it); index sets and locks each hav
         the store cannot be reached or failed; never a raw redis or sqlite exception.
         Callers fail closed on it.
 
-Atomic operations (`take`, `put_if_absent`, `incr`, `acquire`/`release`) stay atomic across
-processes on Redis and SQLite, and across tasks everywhere.
+Atomic operations (`take`, `put_if_absent`, `incr`, `advance`, `acquire`/`release`) stay
+atomic across processes on Redis and SQLite, and across tasks everywhere.
 """
 
 from __future__ import annotations
@@ -99,6 +99,12 @@ class SessionStore(Protocol):
 
     async def incr(self, kind: str, key: str, ttl: float) -> int:
         """Add one to a counter that expires `ttl` seconds after its first increment."""
+
+    async def advance(self, kind: str, key: str, value: int, ttl: float) -> bool:
+        """Store the integer `value` (for `ttl` seconds from now) only if it is greater than
+        the live value, or there is none; True if stored. Of concurrent callers with the same
+        value exactly one gets True (TOTP replay guards: the last accepted time step).
+        """
 
     async def index_add(self, kind: str, key: str, member: str, ttl: float) -> None:
         """Add `member` to the set `(kind, key)`, expiring `ttl` seconds from now."""

@@ -65,6 +65,15 @@ class MemoryStore:
         self._values[kind, key] = (str(count).encode(), entry[1])
         return count
 
+    async def advance(self, kind: str, key: str, value: int, ttl: float) -> bool:
+        expires = self._expiry(ttl)
+        entry = self._live(check_kind(kind), key)
+        # SECURITY: only a greater step is stored: no TOTP code is accepted twice, or an older one.
+        if entry is not None and not _below(entry[0], value):
+            return False
+        self._values[kind, key] = (str(value).encode(), expires)
+        return True
+
     async def index_add(self, kind: str, key: str, member: str, ttl: float) -> None:
         members = self._indexes.setdefault((check_kind(kind), key), {})
         members[member] = self._expiry(ttl)
@@ -128,3 +137,16 @@ class MemoryStore:
                 self._indexes[index_key] = live
             else:
                 del self._indexes[index_key]
+
+
+def _below(raw: bytes, value: int) -> bool:
+    """True if `raw` is an integer in ASCII digits (as `str(int)` writes them) below `value`.
+
+    Anything else counts as not below, so `advance` refuses it (fails closed).
+    """
+    text = raw.decode("ascii", "replace")
+    try:
+        live = int(text)
+    except ValueError:
+        return False
+    return str(live) == text and live < value

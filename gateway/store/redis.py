@@ -68,6 +68,19 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
+# SET PX if greater than the live value (or none). A live value that is not an integer in ASCII
+# digits (as INCR and this script write them) is kept: refused, failing closed. Lua numbers are
+# doubles, exact to 2^53; beyond, rounding may make two values equal, and the greater is then
+# refused (rounding keeps order, so a smaller value never passes).
+_ADVANCE = """
+local live = redis.call('GET', KEYS[1])
+if live then
+    local integer = live == '0' or string.match(live, '^%-?[1-9][0-9]*$')
+    if not integer or tonumber(live) >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -269,6 +282,7 @@ class RedisStore:
         self._connector = _Connector(url, self._target)
         self._redis = self._connector.client
         self._incr = self._redis.register_script(_INCR)
+        self._advance = self._redis.register_script(_ADVANCE)
         self._index_add = self._redis.register_script(_INDEX_ADD)
         self._index_members = self._redis.register_script(_INDEX_MEMBERS)
         self._release = self._redis.register_script(_RELEASE)
@@ -301,6 +315,12 @@ class RedisStore:
     @_guarded
     async def incr(self, kind: str, key: str, ttl: float) -> int:
         return int(await self._incr(keys=[_value_key(check_kind(kind), key)], args=[_ms(ttl)]))
+
+    @_guarded
+    async def advance(self, kind: str, key: str, value: int, ttl: float) -> bool:
+        keys = [_value_key(check_kind(kind), key)]
+        # SECURITY: compare-and-set in one script: no TOTP step is accepted twice, or an older one.
+        return bool(await self._advance(keys=keys, args=[str(value), _ms(ttl)]))
 
     @_guarded
     async def index_add(self, kind: str, key: str, member: str, ttl: float) -> None:

@@ -69,6 +69,18 @@ ON CONFLICT (kind, key) DO UPDATE SET
     expires = CASE WHEN expires <= :now THEN excluded.expires ELSE expires END
 RETURNING CAST(CAST(value AS TEXT) AS INTEGER)
 """
+# The live value must read back as exactly the integer it spells (ASCII digits, as `incr` and
+# `advance` write them) and be smaller; anything else is kept (fails closed).
+_ADVANCE = """
+INSERT INTO ephemeral_value VALUES (:kind, :key, :digits, :expires)
+ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, expires = excluded.expires
+WHERE ephemeral_value.expires <= :now OR (
+    CAST(CAST(ephemeral_value.value AS TEXT) AS INTEGER) < :value
+    AND CAST(CAST(ephemeral_value.value AS TEXT) AS INTEGER) || ''
+        = CAST(ephemeral_value.value AS TEXT)
+)
+"""
+_INT64 = range(-(2**63), 2**63)  # what SQLite's INTEGER holds
 _INDEX_ADD = "INSERT OR REPLACE INTO ephemeral_index VALUES (:kind, :key, :member, :expires)"
 _INDEX_MEMBERS = """
 SELECT member FROM ephemeral_index WHERE kind = :kind AND key = :key AND expires > :now
@@ -160,6 +172,16 @@ class SqliteStore:
         params = {"kind": check_kind(kind), "key": key, "expires": expires}
         rows = await self._rows(_INCR, **params, now=self._clock())
         return int(rows[0][0])
+
+    async def advance(self, kind: str, key: str, value: int, ttl: float) -> bool:
+        """See `SessionStore.advance`; ValueError for a `value` beyond signed 64 bits."""
+        if value not in _INT64:
+            raise ValueError(f"advance takes a signed 64-bit integer, got {value!r}")
+        expires = await self._expiry(ttl)
+        params = {"kind": check_kind(kind), "key": key, "value": value, "expires": expires}
+        digits = str(value).encode()
+        # SECURITY: one statement stores only a greater step: no TOTP code is accepted twice.
+        return await self._change(_ADVANCE, **params, digits=digits, now=self._clock()) > 0
 
     async def index_add(self, kind: str, key: str, member: str, ttl: float) -> None:
         expires = await self._expiry(ttl)
