@@ -192,7 +192,10 @@ class GatewayProcess:
 
 # -- session stores: one fixture parametrized over memory, SQLite and Redis ----------------------
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # this suite's own database, flushed around each test
+# This suite's own database, flushed around each test. GATEWAY_TEST_REDIS_DB picks another
+# one, so that two test runs on one machine (two developers' checkouts) do not flush each other.
+REDIS_DB = int(os.environ.get("GATEWAY_TEST_REDIS_DB", "11"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 
 async def redis_admin(url: str = REDIS_URL) -> Redis:

@@ -40,6 +40,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 _PRAGMAS = ("PRAGMA busy_timeout=5000", "PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
 
+_OPEN_ATTEMPTS = 40  # about 40 s of retries while other openers migrate the file
+
 _SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS durable_schema (version INTEGER NOT NULL)"
 _GET = "SELECT value, version FROM durable_record WHERE kind = :kind AND key = :key"
 _CREATE = """
@@ -136,8 +138,8 @@ class SqliteRecords:
     async def _migrate(self) -> None:
         """Set the pragmas, then apply the missing migrations under the file's write lock."""
         for pragma in _PRAGMAS:
-            await self._rows(pragma)
-        await self._rows("BEGIN IMMEDIATE")  # the write lock: a second opener waits here
+            await self._patiently(pragma)
+        await self._patiently("BEGIN IMMEDIATE")  # the write lock: a second opener waits here
         await self._rows(_SCHEMA_TABLE)
         rows = await self._rows("SELECT max(version) FROM durable_schema")
         applied = int(rows[0][0] or 0)
@@ -148,6 +150,18 @@ class SqliteRecords:
             await self._rows("DELETE FROM durable_schema")
             await self._rows("INSERT INTO durable_schema VALUES (:v)", v=len(MIGRATIONS))
         await self._rows("COMMIT")
+
+    async def _patiently(self, sql: str) -> None:
+        """`sql`, retried while another opener holds the file: switching to WAL can answer
+        "database is locked" at once, without waiting for busy_timeout."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                await self._db.execute_fetchall(sql)
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == _OPEN_ATTEMPTS - 1:
+                    raise StoreUnavailable(UNAVAILABLE) from err
+                await asyncio.sleep(0.05 * (attempt + 1))
 
     async def _rows(self, sql: str, **params: Any) -> list[sqlite3.Row]:
         try:
