@@ -97,6 +97,7 @@ async def admit(
     if session is not None:
         if auth.sessions.touch_due(session) and not idle_ignore.matches(ask.path):
             await auth.sessions.touch(session)
+        auth.directory.accessed(session.identity, route.id)  # in memory; flushed now and then
         guard = stream_guard(auth, session, route)
     identity = identity_headers(auth, caller, route.id)
     return Admission(caller, decision, known.mfa, identity, guard)

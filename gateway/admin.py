@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, unquote
 
+import orjson
 from aiohttp import web
 
 from gateway.auth import Auth
@@ -310,6 +311,59 @@ async def reset_mfa(call: Call) -> web.Response:
     )
 
 
+async def show_user(call: Call) -> web.Response:
+    """What the gateway knows of USER: the directory entry, MFA state, live sessions."""
+    auth = _auth(call.gateway)
+    entry = await auth.directory.resolve(call.params[0])
+    call.facts["subject"] = entry.identity
+    factor = await auth.mfa.factor(entry.identity)
+    live = [s for s in await auth.sessions.of_identity(entry.identity) if _current(call.gateway, s)]
+    payload = {
+        "identity": entry.identity,
+        "user": entry.user,
+        "email": entry.email,
+        "groups": list(entry.groups),
+        "first_login": _time(entry.first_login),
+        "last_login": _time(entry.last_login),
+        "logins": entry.logins,
+        "last_ip": entry.last_ip,
+        "networks": {net: _time(at) for net, at in entry.networks.items()},
+        "last_access": {route: _time(at) for route, at in sorted(entry.last_access.items())},
+        "groups_history": [{"at": _time(at), "groups": list(g)} for at, g in entry.groups_history],
+        "disabled": _disabled(entry.disabled),
+        "mfa": {
+            "enrolled": factor is not None,
+            "locked": factor is not None and factor.locked is not None,
+            "recovery_codes_left": len(factor.recovery) if factor is not None else 0,
+        },
+        "sessions": [_public(s) for s in live],
+    }
+    return json_response(payload, call.request_id)
+
+
+async def disable_user(call: Call) -> web.Response:
+    """Disable USER: every session ends on every process now; logins refused until enabled."""
+    auth = _auth(call.gateway)
+    entry = await auth.directory.resolve(call.params[0])
+    reason = (await _body(call)).get("reason", "")
+    call.facts |= {"subject": entry.identity, "user": entry.user}
+    await auth.directory.disable(entry.identity, call.token.name, str(reason)[:500])
+    iss, _, sub = entry.identity.partition("|")
+    ended = await auth.sessions.end_user(iss, sub, "user-disabled", call.token.name)
+    call.facts["count"] = ended
+    payload = {"user": entry.user, "identity": entry.identity, "disabled": True, "ended": ended}
+    return json_response(payload, call.request_id)
+
+
+async def enable_user(call: Call) -> web.Response:
+    auth = _auth(call.gateway)
+    entry = await auth.directory.resolve(call.params[0])
+    call.facts |= {"subject": entry.identity, "user": entry.user}
+    await auth.directory.enable(entry.identity, call.token.name)
+    payload = {"user": entry.user, "identity": entry.identity, "disabled": False}
+    return json_response(payload, call.request_id)
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", ("healthz",), "read", "healthz", healthz),
     Endpoint("GET", ("readyz",), "read", "readyz", readyz),
@@ -317,6 +371,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DELETE", ("sessions", None), "operate", "session_ended", end_session),
     Endpoint("POST", ("users", None, "revoke"), "operate", "user_revoked", revoke_user),
     Endpoint("POST", ("reload",), "operate", "reloaded", reload),
+    Endpoint("GET", ("users", None), "read", "user_shown", show_user),
+    Endpoint("POST", ("users", None, "disable"), "operate", "user_disabled", disable_user),
+    Endpoint("POST", ("users", None, "enable"), "operate", "user_enabled", enable_user),
     Endpoint("POST", ("users", None, "enroll-link"), "admin", "enroll_link_issued", enroll_link),
     Endpoint("POST", ("users", None, "reset-mfa"), "admin", "mfa_reset", reset_mfa),
 )
@@ -346,6 +403,27 @@ async def _one_identity(auth: Auth, user: str) -> tuple[str, str] | None:
         names = ", ".join(sorted(known))
         raise Conflict(f"{user!r} names {len(known)} identities ({names}); give one as ISS|SUB")
     return (factors[0].identity, factors[0].user) if factors else None
+
+
+def _disabled(flag: dict[str, object] | None) -> dict[str, object] | None:
+    if flag is None:
+        return None
+    at = flag.get("at")
+    return {**flag, "at": _time(at) if isinstance(at, int | float) else None}
+
+
+async def _body(call: Call) -> dict[str, object]:
+    """An optional JSON object body (`{"reason": "..."}`); BadRequest for anything else."""
+    raw = await call.request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body must be a JSON object", reason="bad-body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", reason="bad-body")
+    return body
 
 
 def _query_user(raw_path: str) -> str | None:

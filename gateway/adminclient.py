@@ -2,7 +2,8 @@
 
     sessions_command(admin, token, action, selection, env, as_json=False) -> str
         the text for stdout, or CallFailed (one line for stderr: what failed, and the status)
-    users_command(admin, token, action, user, env) -> str      enroll-link, reset-mfa
+    users_command(admin, token, action, user, env) -> str      disable, enable, enroll-link,
+                                                                reset-mfa
     AdminClient(admin, token, env)          async context manager; `.call(method, path)` -> JSON
 
 The address is the config's `admin.listen` (a wildcard address becomes loopback), over https
@@ -85,7 +86,7 @@ async def _sessions_command(
 
 
 def users_command(admin: Admin, token: str, action: str, user: str, env: Mapping[str, str]) -> str:
-    """Run `gateway users ACTION USER` (enroll-link, reset-mfa); what to print."""
+    """Run `gateway users ACTION USER` (disable, enable, enroll-link, reset-mfa); what to print."""
     return asyncio.run(_users_command(admin, token, action, user, env))
 
 
@@ -99,6 +100,10 @@ async def _users_command(
             f"{answer['link']}\n(single use, for {_shown(answer.get('user'))} only, "
             f"valid until {_shown(answer.get('expires'))} UTC)"
         )
+    if action in ("disable", "enable"):
+        done = "disabled" if action == "disable" else "enabled"
+        ended = f"; ended {answer.get('ended', 0)} session(s)" if action == "disable" else ""
+        return f"{done} {_shown(answer.get('user'))} ({_shown(answer.get('identity'))}){ended}"
     if answer.get("removed"):
         return f"removed the second factor of {_shown(answer.get('user'))}"
     return f"{_shown(answer.get('user'))} had no second factor"

@@ -139,15 +139,21 @@ class Gateway:
             await self.plugins.close()
             raise
         events.add_sink(self.audit.event)  # every security event is a record too
+        events.add_sink(self._alerts)  # alert.* events to the plugins' on_alert hook
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="audit:tick")
         try:
             self.auth = await Auth.open(self._settings, clock=self._clock)
             if self.auth is not None:
+                self.auth.monitor.policies = self.runtime.policies
                 self._proxy = Proxy(self._proxy.scheme, self.auth.cookies)
             await self._proxy.start()
         except BaseException:
             await self.close()  # a bad key file must not leave the audit writer running
             raise
+
+    def _alerts(self, event: events.Event) -> None:
+        if event.type.startswith("alert."):
+            self.plugins.on_alert({**event.fields, "type": event.type, "ts": event.ts})
 
     async def _tick(self) -> None:
         while True:  # a quiet minute after a flood still gets its access.summary
@@ -164,6 +170,9 @@ class Gateway:
             if prepared.runtime is not None:
                 self.apply(prepared.runtime)
             announce(before, prepared, actor)
+            if self.auth is not None and prepared.runtime is not None:
+                gained = [(c.user, c.route) for c in prepared.gained]
+                self.auth.monitor.reload(gained, prepared.runtime.policies.hash)
             return prepared
 
     def apply(self, runtime: Runtime) -> None:
@@ -172,6 +181,8 @@ class Gateway:
             self._limiters = _limiters(runtime.settings.rate_limits)
         if self.auth is not None:
             self.auth.settings = runtime.settings  # login's rd checks follow the route hosts
+            self.auth.monitor.alerts = runtime.settings.alerts
+            self.auth.monitor.policies = runtime.policies
         self.runtime = runtime
 
     async def _identities(self) -> list[Identity]:
@@ -190,6 +201,7 @@ class Gateway:
             await self.auth.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        events.remove_sink(self._alerts)
         if self.audit is not None:  # last: closing the rest may still emit events
             events.remove_sink(self.audit.event)
             self.audit.flush()
@@ -291,6 +303,8 @@ class Gateway:
         written = self._record(
             request, route, ask, decision, a.decision.reason, who, a.decision.policy_hash, runtime
         )
+        if decision == "deny" and a.decision.reason not in _NOT_MISUSE:
+            auth.monitor.denied(caller.user, ask.client_ip)  # alert.deny_burst
         return a, written
 
     async def _plugin_check(self, a: Admission, route: Route, ask: Ask) -> Admission:
@@ -448,6 +462,8 @@ async def _on_disk(written: asyncio.Future[None] | None) -> None:
 
 
 _TICK = 5.0  # seconds between audit ticks (access.summary at a minute's end)
+# Denials that are a step to take, not a sign of misuse: they do not count toward a burst.
+_NOT_MISUSE = frozenset({"mfa-required", "auth-too-old"})
 _MAX_LOGGED_PATH = 1024  # an unidentified client's path is kept to this length
 
 

@@ -23,10 +23,12 @@ import orjson
 
 from gateway.assertion import AssertionKeys, Assertions
 from gateway.cookies import Cookies
+from gateway.directory import Directory
 from gateway.errors import Unauthorized
 from gateway.events import Event, emit
 from gateway.keyring import Keyring
 from gateway.mfa import Mfa
+from gateway.monitor import Monitor
 from gateway.oidc import ClientConfig, IdpUnavailable, Provider, TokenRejected
 from gateway.sessions import Clock, Limits, Session, SessionInvalid, Sessions
 from gateway.settings import Settings
@@ -83,12 +85,15 @@ class Auth:
         clock: Clock,
         assertions: Assertions,
         mfa: Mfa,
+        directory: Directory,
     ) -> None:
         self.settings = settings  # replaced by a reload (only routes and policies may change)
         self.assertions = assertions  # X-Gateway-Assertion and /.gateway/jwks.json
         self.provider = provider
         self.sessions = sessions
         self.mfa = mfa  # TOTP at the gateway, its enrollments in the record store (SPEC §6)
+        self.directory = directory  # every identity seen: logins, networks, groups, disabled
+        self.monitor = Monitor(settings.alerts, clock)  # alert.* events
         self.store = store
         self.keyring = keyring
         self.clock = clock
@@ -146,12 +151,17 @@ class Auth:
         )
         sessions = Sessions(store, keyring, limits, clock=clock)
         await sessions.start()
-        auth = cls(settings, provider, sessions, store, keyring, http, clock, assertions, mfa)
+        directory = Directory(records, store, keyring, clock)
+        await directory.start()
+        auth = cls(
+            settings, provider, sessions, store, keyring, http, clock, assertions, mfa, directory
+        )
         await auth.discover()  # an IdP that is down now is retried on demand
         return auth
 
     async def close(self) -> None:
         await self.sessions.close()
+        await self.directory.close()  # its last-access times, before the stores close
         await self.store.close()
         await self.mfa.records.close()
         await self._http.close()

@@ -72,10 +72,40 @@ async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller
             # rare: then re-read, or end it
             session = await sessions.check(session, idle_timeout=idle, max_lifetime=life)
     except SessionInvalid as invalid:
+        _revoked_again(auth, invalid, request)
         raise Unauthorized("your session has ended; sign in again", reason=invalid.reason) from None
+    if auth.directory.disabled(session.identity):
+        # SECURITY: a session that raced the disable (created as it was being ended) is refused.
+        _disabled_again(auth, session.identity, session.user, request)
+        await sessions.end(session.key, "user-disabled")
+        raise Unauthorized("your account is disabled here", reason="user-disabled")
     if session.refresh_after is not None and auth.clock() >= session.refresh_after:
         session = await auth.refresh_if_due(session)
     return Caller.of(session)
+
+
+_ALERTING = frozenset({"admin-revoked", "user-disabled"})  # ended by someone else, on purpose
+
+
+def _revoked_again(auth: Auth, invalid: SessionInvalid, request: web.BaseRequest) -> None:
+    """A session an admin ended (or a disable did) used again: alert, once per session."""
+    ended = invalid.ended
+    if ended is None or ended.get("reason") not in _ALERTING:
+        return
+    fields = {
+        "user": ended.get("user"),
+        "session": ended.get("handle"),
+        "ended_by": ended.get("actor"),
+        "ended_because": ended.get("reason"),
+        "client_ip": request.remote,
+        "attempt": "revoked-session",
+    }
+    auth.monitor.refused(f"revoked:{ended.get('handle')}", fields)
+
+
+def _disabled_again(auth: Auth, identity: str, user: str, request: web.BaseRequest | None) -> None:
+    fields = {"user": user, "identity": identity, "client_ip": request and request.remote}
+    auth.monitor.refused(f"disabled:{identity}", {**fields, "attempt": "request"})
 
 
 async def _bearer(auth: Auth, token: str) -> Caller:
@@ -87,6 +117,10 @@ async def _bearer(auth: Auth, token: str) -> Caller:
     except TokenRejected:
         raise Unauthorized("the bearer token was not accepted", reason="bad-token") from None
     claims = identity.claims
+    if auth.directory.disabled(f"{claims.get('iss')}|{identity.sub}"):
+        # SECURITY: a disabled user's still-valid access tokens are refused too.
+        _disabled_again(auth, f"{claims.get('iss')}|{identity.sub}", identity.sub, None)
+        raise Unauthorized("this account is disabled here", reason="user-disabled")
     groups = claims.get(auth.groups_claim, [])
     # SECURITY: a string where a list belongs ("admins") is a bad token, not a list of letters.
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):

@@ -67,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="list as JSON")
     sessions.set_defaults(func=_sessions)
     users = commands.add_parser(
-        "users", help="a user's second factor, through the running gateway's admin API"
+        "users", help="disable, enable, MFA links and resets, through the admin API"
     )
-    users.add_argument("action", choices=["enroll-link", "reset-mfa"])
+    users.add_argument("action", choices=["disable", "enable", "enroll-link", "reset-mfa"])
     users.add_argument("-c", "--config", required=True, metavar="FILE")
     users.add_argument("user", metavar="USER", help="a user_claim value, or ISS|SUB")
     users.set_defaults(func=_users)

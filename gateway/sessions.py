@@ -94,9 +94,10 @@ class Session:
 class SessionInvalid(Exception):
     """The cookie names no usable session; `reason` is a SPEC §3 code."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, ended: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason  # session-idle | session-expired | session-revoked | no-session
+        self.ended = ended  # a revoked session's tombstone: why, by whom, whose (alerts)
 
 
 class Sessions:
@@ -262,8 +263,9 @@ class Sessions:
                 )
                 return session
         for key in self.keys_for(cookie_id):
-            if await self._store.get("revoked", key) is not None:
-                raise SessionInvalid("session-revoked")
+            tombstone = await self._store.get("revoked", key)
+            if tombstone is not None:
+                raise SessionInvalid("session-revoked", self._ended(key, tombstone))
         raise SessionInvalid("no-session")
 
     async def reload(self, key: str) -> Session:
@@ -361,7 +363,11 @@ class Sessions:
         """End one session everywhere; a tombstone remembers it until its lifetime ends."""
         session = self._cache.pop(key, None) or await self._read(key)
         ttl = self._ttl(session) if session is not None else self.limits.max_lifetime
-        await self._store.put("revoked", key, reason.encode(), ttl)  # before the delete: see update
+        ended = {"reason": reason, "actor": actor}
+        if session is not None:
+            ended |= {"user": session.user, "identity": session.identity, "handle": session.handle}
+        tombstone = self._sealer.seal("revoked", key, orjson.dumps(ended))
+        await self._store.put("revoked", key, tombstone, ttl)  # before the delete: see update
         existed = await self._store.delete("session", key)
         await self._store.delete(_SEEN, key)
         if session is not None:
@@ -373,6 +379,10 @@ class Sessions:
             fields = {"session": session.handle, "user": session.user, "sub": session.sub}
             emit(Event("session.ended", {**fields, "reason": reason, "actor": actor}))
         return existed
+
+    def _ended(self, key: str, tombstone: bytes) -> dict[str, str]:
+        plain = self._sealer.open("revoked", key, tombstone)
+        return orjson.loads(plain) if plain is not None else {"reason": "unknown"}
 
     async def end_user(self, iss: str, sub: str, reason: str, actor: str = "gateway") -> int:
         keys = await self._store.index_members("user-sessions", _digest(f"{iss}|{sub}"))

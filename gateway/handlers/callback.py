@@ -16,7 +16,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.auth import LOGIN_STATE_TTL, Auth, LoginState
-from gateway.errors import BadRequest, ServiceUnavailable
+from gateway.errors import BadRequest, Forbidden, ServiceUnavailable
 from gateway.events import Event, emit
 from gateway.handlers.login import after_login, need_auth
 from gateway.oidc import IdpUnavailable, Pkce, TokenRejected, Tokens
@@ -39,7 +39,11 @@ async def callback(
     try:
         state = await _redeem_state(auth, request)
         claims, tokens = await _verified_identity(auth, request, state)
-        response = await _start_session(auth, request, state, claims, tokens, request_id)
+        client_ip = gateway.runtime.trusted.resolve(
+            request.remote or "", request.headers.getall("X-Forwarded-For", [])
+        ).client
+        await _refuse_disabled(auth, claims, client_ip, request_id)
+        response = await _start_session(auth, request, state, claims, tokens, request_id, client_ip)
     except LoginFailed as failure:
         _failed(request, request_id, failure.cause)
         raise
@@ -101,6 +105,20 @@ async def _verified_identity(
     return {**info, **claims}, tokens  # the signed ID token wins over userinfo
 
 
+async def _refuse_disabled(
+    auth: Auth, claims: dict[str, Any], client_ip: str, request_id: str
+) -> None:
+    """A disabled user gets no session until enabled (read from the store: fail closed)."""
+    identity = f"{claims['iss']}|{claims['sub']}"
+    if not await auth.directory.disabled_now(identity):
+        return
+    fields = {"identity": identity, "client_ip": client_ip, "request_id": request_id}
+    emit(Event("auth.login_refused", {**fields, "reason": "user-disabled"}))
+    auth.monitor.refused(f"disabled:{identity}", {**fields, "attempt": "login"})
+    # SECURITY: disabling is instant and lasting: the IdP's yes does not override it.
+    raise Forbidden("your account is disabled here; ask your administrator", reason="user-disabled")
+
+
 async def _start_session(
     auth: Auth,
     request: web.BaseRequest,
@@ -108,6 +126,7 @@ async def _start_session(
     claims: dict[str, Any],
     tokens: Tokens,
     request_id: str,
+    client_ip: str,
 ) -> web.Response:
     identity = auth.settings.identity
     assert identity is not None
@@ -146,12 +165,13 @@ async def _start_session(
                 "user": user,
                 "sub": session.sub,
                 "session": session.handle,
-                "client_ip": request.remote,
+                "client_ip": client_ip,
                 "request_id": request_id,
                 "amr": list(session.amr),
             },
         )
     )
+    auth.monitor.login(await auth.directory.login(session, client_ip), session, client_ip)
     notice = await auth.mfa.take_notice(session.identity)
     if notice is None:
         response = await after_login(auth, cookie_id, state.rd, request_id)
