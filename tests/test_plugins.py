@@ -244,7 +244,8 @@ def test_every_bad_entry_is_reported_at_once(module: str, tmp_path: Path) -> Non
         "plugins[2] (redis_stream): unknown option 'maxln' "
         "(did you mean 'maxlen'? options: ca_file, maxlen, password, stream, url)",
         "plugins[3].use: unknown plugin 'nope': not shipped in plugins/ "
-        "(redis_stream, syslog, webhook), and no entry point of group gateway.plugins has this name",
+        "(redis_stream, syslog, webhook), "
+        "and no entry point of group gateway.plugins has this name",
         f"plugins[4] (syslog): ca_file: cannot load {tmp_path / 'missing.pem'}: "
         "[Errno 2] No such file or directory",
     ]
