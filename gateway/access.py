@@ -85,7 +85,7 @@ async def admit(
     route: Route,
     ask: Ask,
 ) -> Admission:
-    caller = await identify(auth, request, route)
+    caller = await identify(auth, request, route, ask.client_ip)
     known = facts(auth, caller, ask)
     decision = evaluate(known, policy)
     if not decision.allowed:

@@ -36,6 +36,8 @@ import orjson
 from aiohttp import web
 
 from gateway.auth import Auth
+from gateway.breakglass import BreakGlass, open_duration
+from gateway.directory import Entry
 from gateway.errors import (
     BadRequest,
     Conflict,
@@ -47,8 +49,10 @@ from gateway.errors import (
 )
 from gateway.events import Event, emit
 from gateway.handlers import health
+from gateway.metrics import exposition
 from gateway.pages import json_response
 from gateway.requestid import RequestIds
+from gateway.reviews import Asked
 from gateway.sessions import Session, Sessions
 from gateway.settings import Admin, AdminTls, Settings
 from gateway.types import GatewayState
@@ -62,6 +66,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _HANDLE = re.compile(r"[0-9a-f]{1,64}")
 _PATH_SHOWN = 512  # characters of a request path kept in an event
 _REVOKED = "admin-revoked"  # the reason recorded when an admin call ends a session
+_FANOUT_WAIT = 3.0  # seconds POST /reload waits for every worker to show the new policy hash
 
 
 class TokensFileError(Exception):
@@ -228,7 +233,7 @@ async def healthz(call: Call) -> web.Response:
 
 
 async def readyz(call: Call) -> web.Response:
-    return await health.readyz(call.request, call.gateway, call.request_id)
+    return await health.readiness(call.gateway, call.request_id, detail=True)
 
 
 async def list_sessions(call: Call) -> web.Response:
@@ -280,7 +285,20 @@ async def reload(call: Call) -> web.Response:
         "gained": [{"user": c.user, "route": c.route} for c in prepared.gained],
         "lost": [{"user": c.user, "route": c.route} for c in prepared.lost],
     }
+    replicas = call.gateway.replicas
+    if replicas is not None:  # every other worker (and replica) reloads its own file too
+        await replicas.reloaded()
+        if prepared.ok:
+            await replicas.announce(call.token.name)
+        payload["workers"] = await replicas.converged(runtime.policies.hash, _FANOUT_WAIT)
     return json_response(payload, call.request_id, status=200 if prepared.ok else 422)
+
+
+async def metrics(call: Call) -> web.Response:
+    """Prometheus text format, every worker's values added up (gateway.metrics)."""
+    body, content_type = await exposition(call.gateway.metrics, _sessions(call.gateway))
+    headers = {"Content-Type": content_type, "X-Request-Id": call.request_id}
+    return web.Response(body=body, headers={**headers, "Cache-Control": "no-store"})
 
 
 async def enroll_link(call: Call) -> web.Response:
@@ -347,11 +365,32 @@ async def disable_user(call: Call) -> web.Response:
     entry = await auth.directory.resolve(call.params[0])
     reason = (await _body(call)).get("reason", "")
     call.facts |= {"subject": entry.identity, "user": entry.user}
-    await auth.directory.disable(entry.identity, call.token.name, str(reason)[:500])
+    ended = await _disable(call, auth, entry, str(reason))
+    payload = {"user": entry.user, "identity": entry.identity, "disabled": True, "ended": ended}
+    return json_response(payload, call.request_id)
+
+
+async def _disable(call: Call, auth: Auth, entry: Entry, reason: str) -> int:
+    """Disable the entry's identity and end its sessions everywhere; how many ended."""
+    await auth.directory.disable(entry.identity, call.token.name, reason[:500])
     iss, _, sub = entry.identity.partition("|")
     ended = await auth.sessions.end_user(iss, sub, "user-disabled", call.token.name)
     call.facts["count"] = ended
-    payload = {"user": entry.user, "identity": entry.identity, "disabled": True, "ended": ended}
+    return ended
+
+
+async def attest_review(call: Call) -> web.Response:
+    """An access review's decision on USER (CSF 01.e): kept, or revoked (USER disabled)."""
+    auth = _auth(call.gateway)
+    asked = Asked.parse(await _body(call))
+    entry = await auth.directory.resolve(asked.user)
+    call.facts |= {"subject": entry.identity, "user": entry.user, "decision": asked.decision}
+    policies = call.gateway.runtime.policies
+    attestation = await auth.reviews.attest(entry, call.token.name, asked, policies)
+    payload = {**attestation.public(), "at": _time(attestation.at), "disabled": False}
+    if asked.decision == "revoke":
+        reason = f"access review by {call.token.name}" + (f": {asked.note}" if asked.note else "")
+        payload |= {"disabled": True, "ended": await _disable(call, auth, entry, reason)}
     return json_response(payload, call.request_id)
 
 
@@ -364,9 +403,36 @@ async def enable_user(call: Call) -> web.Response:
     return json_response(payload, call.request_id)
 
 
+async def open_break_glass(call: Call) -> web.Response:
+    """Open break-glass for `{"duration": "30m", "reason": "..."}` even while the IdP answers."""
+    glass = _break_glass(call.gateway)
+    body = await _body(call)
+    duration = open_duration(body.get("duration"))
+    until = await glass.open(call.token.name, duration, str(body.get("reason", ""))[:500])
+    call.facts |= {"duration": duration, "until": _time(until)}
+    return json_response({"open": True, "until": _time(until)}, call.request_id)
+
+
+async def close_break_glass(call: Call) -> web.Response:
+    """End an operator's opening (an unreachable IdP still opens break-glass)."""
+    was_open = await _break_glass(call.gateway).close(call.token.name)
+    call.facts["was_open"] = was_open
+    return json_response({"open": False, "was_open": was_open}, call.request_id)
+
+
+def _break_glass(gateway: GatewayState) -> BreakGlass:
+    glass = _auth(gateway).break_glass
+    if glass is None:
+        raise NotFound(
+            "break-glass is not configured (break_glass.accounts_file)", reason="no-endpoint"
+        )
+    return glass
+
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", ("healthz",), "read", "healthz", healthz),
     Endpoint("GET", ("readyz",), "read", "readyz", readyz),
+    Endpoint("GET", ("metrics",), "read", "metrics_scraped", metrics),
     Endpoint("GET", ("sessions",), "read", "sessions_listed", list_sessions),
     Endpoint("DELETE", ("sessions", None), "operate", "session_ended", end_session),
     Endpoint("POST", ("users", None, "revoke"), "operate", "user_revoked", revoke_user),
@@ -376,6 +442,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", ("users", None, "enable"), "operate", "user_enabled", enable_user),
     Endpoint("POST", ("users", None, "enroll-link"), "admin", "enroll_link_issued", enroll_link),
     Endpoint("POST", ("users", None, "reset-mfa"), "admin", "mfa_reset", reset_mfa),
+    Endpoint("POST", ("break-glass", "open"), "operate", "break_glass_opened", open_break_glass),
+    Endpoint("POST", ("break-glass", "close"), "operate", "break_glass_closed", close_break_glass),
+    Endpoint("POST", ("reviews",), "operate", "review_attested", attest_review),
 )
 
 
@@ -466,10 +535,7 @@ def _current(gateway: GatewayState, session: Session) -> bool:
     """Within its global limits (a session past them is ended at its next request)."""
     assert gateway.auth is not None
     now, limits = gateway.auth.clock(), gateway.auth.sessions.limits
-    return (
-        now < session.created + limits.max_lifetime
-        and now < session.last_active + limits.idle_timeout
-    )
+    return now < session.expires(limits) and now < session.last_active + limits.idle_timeout
 
 
 def _public(session: Session) -> dict[str, object]:
@@ -517,7 +583,13 @@ class AdminApi:
         emit(Event("admin.tokens_reloaded", {"tokens": len(tokens)}))
         return len(tokens)
 
-    async def start(self, gateway: GatewayState, shutdown_timeout: float = 10.0) -> None:
+    async def start(
+        self,
+        gateway: GatewayState,
+        shutdown_timeout: float = 10.0,
+        port: int | None = None,  # a worker's: the port its parent reserved (gateway.supervisor)
+        reuse_port: bool = False,
+    ) -> None:
         self._gateway = gateway
         runner = web.ServerRunner(
             web.Server(self.handle, access_log=None),
@@ -526,7 +598,13 @@ class AdminApi:
         )
         await runner.setup()
         listen = self._admin.listen
-        site = web.TCPSite(runner, listen.host, listen.port, ssl_context=admin_tls(self._admin.tls))
+        site = web.TCPSite(
+            runner,
+            listen.host,
+            port or listen.port,
+            ssl_context=admin_tls(self._admin.tls),
+            reuse_port=reuse_port,
+        )
         try:
             await site.start()
         except BaseException:

@@ -1,9 +1,11 @@
-"""A client of the admin API (SPEC §10, §11): what `gateway sessions …` and `users …` run.
+"""A client of the admin API (SPEC §10, §11): what `gateway sessions …`, `users …` and
+`review attest` run.
 
     sessions_command(admin, token, action, selection, env, as_json=False) -> str
         the text for stdout, or CallFailed (one line for stderr: what failed, and the status)
     users_command(admin, token, action, user, env) -> str      disable, enable, enroll-link,
                                                                 reset-mfa
+    review_command(admin, token, user, decision, note, env) -> str    POST /reviews
     AdminClient(admin, token, env)          async context manager; `.call(method, path)` -> JSON
 
 The address is the config's `admin.listen` (a wildcard address becomes loopback), over https
@@ -109,6 +111,28 @@ async def _users_command(
     return f"{_shown(answer.get('user'))} had no second factor"
 
 
+def review_command(
+    admin: Admin, token: str, user: str, decision: str, note: str, env: Mapping[str, str]
+) -> str:
+    """Run `gateway review attest` (POST /reviews); the one line to print."""
+    return asyncio.run(_review_command(admin, token, user, decision, note, env))
+
+
+async def _review_command(
+    admin: Admin, token: str, user: str, decision: str, note: str, env: Mapping[str, str]
+) -> str:
+    body = {"user": user, "decision": decision, "note": note}
+    async with AdminClient(admin, token, env) as client:
+        answer = await client.call("POST", "/reviews", body)
+    who = f"{_shown(answer.get('user'))} ({_shown(answer.get('identity'))})"
+    done = (
+        f"attested {_shown(answer.get('decision'))} for {who} as {_shown(answer.get('reviewer'))}"
+    )
+    if answer.get("disabled"):
+        done += f"; disabled, ended {_count(answer.get('ended'))}"
+    return f"{done}; policy {_shown(answer.get('policy_hash'))}"
+
+
 class AdminClient:
     def __init__(self, admin: Admin, token: str, env: Mapping[str, str]) -> None:
         self.base = base_url(admin)
@@ -132,14 +156,21 @@ class AdminClient:
         if self._http is not None:
             await self._http.close()
 
-    async def call(self, method: str, path: str) -> dict[str, Any]:
-        """One call; `path` is already percent-encoded. The JSON object answered, or CallFailed."""
+    async def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """One call; `path` is already percent-encoded, `body` sent as JSON. The JSON object
+        answered, or CallFailed."""
         assert self._http is not None, "use AdminClient in 'async with'"
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = orjson.dumps(body)
         url = URL(self.base + path, encoded=True)  # sent as written: %2F in a USER stays one
         try:
             async with self._http.request(
-                method, url, headers=headers, allow_redirects=False
+                method, url, headers=headers, data=data, allow_redirects=False
             ) as response:
                 return _answer(response.status, await response.read())
         except aiohttp.ClientSSLError as err:

@@ -12,7 +12,7 @@
                      sync methods and phi routes; refusals of unidentified clients folded
                      into per-minute summaries beyond a rate
     8 forward        proxy.forward: streaming, WebSockets, X-Forwarded-*, identity (§7)
-    9 done           access.done: status, bytes, duration
+    9 done           access.done: status, bytes, duration; counted (gateway.metrics)
     errors anywhere: GatewayError -> a page or JSON with status, reason and request id
 
 `Gateway.handle` is served by aiohttp's low-level `web.Server`: no URL
@@ -55,6 +55,7 @@ from gateway.errors import (
 )
 from gateway.handlers import (
     backchannel,
+    break_glass,
     callback,
     forwardauth,
     handoff,
@@ -65,6 +66,7 @@ from gateway.handlers import (
     mfa,
     sessions,
 )
+from gateway.metrics import Metrics
 from gateway.pages import error_response, redirect, wants_html
 from gateway.paths import Target
 from gateway.plugins import Plugins, load_plugins
@@ -72,6 +74,7 @@ from gateway.policy import Decision, Identity
 from gateway.proxy import Forward, Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.reload import Prepared, announce, prepare
+from gateway.replicas import Replicas
 from gateway.requestid import RequestIds
 from gateway.routing import locate
 from gateway.runtime import Runtime
@@ -99,6 +102,7 @@ ENDPOINTS: dict[str, tuple[frozenset[str], Endpoint]] = {
     "/.gateway/mfa/enroll": (GET_POST, mfa.enroll),
     "/.gateway/jwks.json": (GET, jwks.jwks),
     "/.gateway/auth": (GET, forwardauth.forward_auth),
+    "/.gateway/break-glass": (GET_POST, break_glass.break_glass),
 }
 # Endpoints an attacker would hammer (SPEC §12): rate_limits names their buckets.
 LIMITED = {
@@ -107,18 +111,26 @@ LIMITED = {
     "/.gateway/backchannel-logout": "backchannel_logout",
     "/.gateway/mfa": "mfa",
     "/.gateway/mfa/enroll": "mfa",
+    "/.gateway/break-glass": "break_glass",
 }
 
 
 class Gateway:
     def __init__(
-        self, settings: Settings, clock: Clock = time.time, audit_files: FileLayer | None = None
+        self,
+        settings: Settings,
+        clock: Clock = time.time,
+        audit_files: FileLayer | None = None,
+        worker: int = 0,  # of server.workers: names the audit chain (origin_for)
     ) -> None:
         self.runtime = Runtime.build(settings)  # replaced whole by a reload, never edited
         self.draining = False  # set when shutdown begins: readyz turns 503
         self.auth: Auth | None = None  # login, sessions, the IdP: only with protected routes
         self.audit: Recorder | None = None  # the audit log (opened by start)
         self.plugins = Plugins()  # loaded by start (SPEC §9)
+        self.metrics = Metrics()  # this process's share of GET /metrics
+        self.replicas: Replicas | None = None  # the processes sharing the store (server.listen)
+        self._worker = worker
         self._ticker: asyncio.Task[None] | None = None
         self._settings = settings
         self._clock = clock  # injectable: tests move time instead of waiting for it
@@ -133,13 +145,15 @@ class Gateway:
         await self.plugins.start()  # before the log: sinks anchor it from its first line
         try:
             self.audit = await open_recorder(
-                self._settings, self._clock, self._audit_files, self.plugins
+                self._settings, self._clock, self._audit_files, self.plugins, self._worker
             )
         except BaseException:
             await self.plugins.close()
             raise
         events.add_sink(self.audit.event)  # every security event is a record too
         events.add_sink(self._alerts)  # alert.* events to the plugins' on_alert hook
+        events.add_sink(self.metrics.event)  # logins, MFA failures, alerts counted
+        self.metrics.start(self.audit, self.plugins)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="audit:tick")
         try:
             self.auth = await Auth.open(self._settings, clock=self._clock)
@@ -202,6 +216,8 @@ class Gateway:
         if self._ticker is not None:
             self._ticker.cancel()
         events.remove_sink(self._alerts)
+        events.remove_sink(self.metrics.event)
+        await self.metrics.close()
         if self.audit is not None:  # last: closing the rest may still emit events
             events.remove_sink(self.audit.event)
             self.audit.flush()
@@ -218,15 +234,20 @@ class Gateway:
         logged = False  # the access record is written: access.done follows, whatever happens
         anonymous = True
         reason = "-"
+        route_id, decision = "none", "none"  # the request's labels in gateway_requests_total
         try:
             host, target = locate(
                 request.raw_path, request.headers.getall("Host", []), runtime.routes
             )
             if target.match.startswith("/.gateway/"):
-                return await self._own_endpoint(request, target.match, request_id, runtime)
+                route_id = "gateway"
+                response = await self._own_endpoint(request, target.match, request_id, runtime)
+                self.metrics.served(route_id, decision, response.status, reason, started)
+                return response
             route = runtime.routes.match(host, target.match)
             if route is None:
                 raise NotFound("no route serves this address")
+            route_id = route.id
             addresses = runtime.trusted.resolve(
                 request.remote or "", request.headers.getall("X-Forwarded-For", [])
             )
@@ -237,12 +258,13 @@ class Gateway:
                 written = self._record(
                     request, route, ask, "allow", "public", ANONYMOUS, None, runtime
                 )
-                logged = True
+                logged, decision = True, "allow"
                 await _on_disk(written)  # a public POST waits for its record too, or fails open
                 forward = Forward(upstream, target, host, addresses, request_id)
             else:
                 a, written = await self._decide(request, route, ask, runtime)
                 logged, anonymous = True, False
+                decision = _label(a.decision)
                 if not a.decision.allowed:
                     raise refusal(a, runtime.policies[route.id], ask)
                 await self._durable(written, runtime)
@@ -264,6 +286,7 @@ class Gateway:
         self._outcome(
             request, response, request_id, started, (logged, anonymous), reason, client_ip
         )
+        self.metrics.served(route_id, decision, response.status, reason, started)
         return response
 
     async def admit(
@@ -465,6 +488,12 @@ _TICK = 5.0  # seconds between audit ticks (access.summary at a minute's end)
 # Denials that are a step to take, not a sign of misuse: they do not count toward a burst.
 _NOT_MISUSE = frozenset({"mfa-required", "auth-too-old"})
 _MAX_LOGGED_PATH = 1024  # an unidentified client's path is kept to this length
+
+
+def _label(decision: Decision) -> str:
+    if not decision.allowed:
+        return "deny"
+    return "would-deny" if decision.would_deny else "allow"
 
 
 def _limiters(limits: RateLimits) -> dict[str, RateLimiter]:

@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from gateway.assertion import AssertionKeys, Assertions
+from gateway.breakglass import BreakGlass
 from gateway.cookies import Cookies
 from gateway.directory import Directory
 from gateway.errors import Unauthorized
@@ -30,6 +31,7 @@ from gateway.keyring import Keyring
 from gateway.mfa import Mfa
 from gateway.monitor import Monitor
 from gateway.oidc import ClientConfig, IdpUnavailable, Provider, TokenRejected
+from gateway.reviews import Reviews
 from gateway.sessions import Clock, Limits, Session, SessionInvalid, Sessions
 from gateway.settings import Settings
 from gateway.store import SessionStore, open_session_store
@@ -93,6 +95,7 @@ class Auth:
         self.sessions = sessions
         self.mfa = mfa  # TOTP at the gateway, its enrollments in the record store (SPEC §6)
         self.directory = directory  # every identity seen: logins, networks, groups, disabled
+        self.reviews = Reviews(mfa.records, keyring, clock)  # access reviews (CSF 01.e)
         self.monitor = Monitor(settings.alerts, clock)  # alert.* events
         self.store = store
         self.keyring = keyring
@@ -114,6 +117,7 @@ class Auth:
         self._handoff_sealer = keyring.sealer("handoff")
         self._discovered_at = float("-inf")
         self._discovery_lock = asyncio.Lock()
+        self.break_glass: BreakGlass | None = None  # emergency access (break_glass:), if set
 
     @classmethod
     async def open(cls, settings: Settings, clock: Clock = time.time) -> Auth | None:
@@ -122,6 +126,7 @@ class Auth:
         if identity is None or not settings.protected_routes:
             return None
         keys = AssertionKeys.load(settings)  # KeyFileError before anything is opened
+        await BreakGlass.check(settings)  # AccountsFileError, likewise
         assertions = Assertions(
             keys, str(settings.server.public_url).rstrip("/"), settings.assertion.ttl, clock
         )
@@ -156,6 +161,7 @@ class Auth:
         auth = cls(
             settings, provider, sessions, store, keyring, http, clock, assertions, mfa, directory
         )
+        auth.break_glass = BreakGlass.configured(settings, store, keyring, provider, clock)
         await auth.discover()  # an IdP that is down now is retried on demand
         return auth
 

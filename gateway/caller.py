@@ -57,10 +57,13 @@ class Caller:
         )
 
 
-async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller:
+async def identify(
+    auth: Auth, request: web.BaseRequest, route: Route, client_ip: str = ""
+) -> Caller:
+    """`client_ip`: the address trusted_proxies resolved (named in alerts)."""
     authorization = request.headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
-        return await _bearer(auth, authorization[7:].strip())
+        return await _bearer(auth, authorization[7:].strip(), client_ip)
     cookie_id = auth.cookies.session_id(request.headers.getall("Cookie", []))
     if cookie_id is None:
         raise Unauthorized("sign-in required")
@@ -72,11 +75,11 @@ async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller
             # rare: then re-read, or end it
             session = await sessions.check(session, idle_timeout=idle, max_lifetime=life)
     except SessionInvalid as invalid:
-        _revoked_again(auth, invalid, request)
+        _revoked_again(auth, invalid, client_ip)
         raise Unauthorized("your session has ended; sign in again", reason=invalid.reason) from None
     if auth.directory.disabled(session.identity):
         # SECURITY: a session that raced the disable (created as it was being ended) is refused.
-        _disabled_again(auth, session.identity, session.user, request)
+        _disabled_again(auth, session.identity, session.user, client_ip)
         await sessions.end(session.key, "user-disabled")
         raise Unauthorized("your account is disabled here", reason="user-disabled")
     if session.refresh_after is not None and auth.clock() >= session.refresh_after:
@@ -87,7 +90,7 @@ async def identify(auth: Auth, request: web.BaseRequest, route: Route) -> Caller
 _ALERTING = frozenset({"admin-revoked", "user-disabled"})  # ended by someone else, on purpose
 
 
-def _revoked_again(auth: Auth, invalid: SessionInvalid, request: web.BaseRequest) -> None:
+def _revoked_again(auth: Auth, invalid: SessionInvalid, client_ip: str) -> None:
     """A session an admin ended (or a disable did) used again: alert, once per session."""
     ended = invalid.ended
     if ended is None or ended.get("reason") not in _ALERTING:
@@ -97,18 +100,19 @@ def _revoked_again(auth: Auth, invalid: SessionInvalid, request: web.BaseRequest
         "session": ended.get("handle"),
         "ended_by": ended.get("actor"),
         "ended_because": ended.get("reason"),
-        "client_ip": request.remote,
+        "client_ip": client_ip,
         "attempt": "revoked-session",
     }
     auth.monitor.refused(f"revoked:{ended.get('handle')}", fields)
 
 
-def _disabled_again(auth: Auth, identity: str, user: str, request: web.BaseRequest | None) -> None:
-    fields = {"user": user, "identity": identity, "client_ip": request and request.remote}
-    auth.monitor.refused(f"disabled:{identity}", {**fields, "attempt": "request"})
+def _disabled_again(auth: Auth, identity: str, user: str, client_ip: str) -> None:
+    fields = {"user": user, "identity": identity, "client_ip": client_ip}
+    which = auth.directory.disable_id(identity)
+    auth.monitor.refused(f"disabled:{identity}:{which}", {**fields, "attempt": "request"})
 
 
-async def _bearer(auth: Auth, token: str) -> Caller:
+async def _bearer(auth: Auth, token: str, client_ip: str) -> Caller:
     # SECURITY: without configured API audiences no bearer token is accepted at all.
     if not auth.provider.client.api_audiences or not await auth.discover():
         raise Unauthorized("bearer tokens are not accepted here", reason="bad-token")
@@ -119,7 +123,7 @@ async def _bearer(auth: Auth, token: str) -> Caller:
     claims = identity.claims
     if auth.directory.disabled(f"{claims.get('iss')}|{identity.sub}"):
         # SECURITY: a disabled user's still-valid access tokens are refused too.
-        _disabled_again(auth, f"{claims.get('iss')}|{identity.sub}", identity.sub, None)
+        _disabled_again(auth, f"{claims.get('iss')}|{identity.sub}", identity.sub, client_ip)
         raise Unauthorized("this account is disabled here", reason="user-disabled")
     groups = claims.get(auth.groups_claim, [])
     # SECURITY: a string where a list belongs ("admins") is a bad token, not a list of letters.
@@ -150,7 +154,8 @@ def stream_guard(auth: Auth, session: Session, route: Route) -> Callable[[], Awa
                 limits = auth.sessions.limits
                 idle = min(limits.idle_timeout, route.idle_timeout or limits.idle_timeout)
                 life = min(limits.max_lifetime, route.max_lifetime or limits.max_lifetime)
-                deadline = min(current.created + life, current.last_active + idle)
+                ends = min(current.created + life, current.expires(limits))  # break-glass cap
+                deadline = min(ends, current.last_active + idle)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), max(deadline - auth.clock(), 0.0))
                 changed.clear()

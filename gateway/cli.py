@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run = commands.add_parser("run", help="serve, with the config file given")
     run.add_argument("-c", "--config", required=True, metavar="FILE")
+    # Given by the parent of server.workers > 1 to each worker it starts (gateway.supervisor).
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--port", type=_port, help=argparse.SUPPRESS)
+    run.add_argument("--admin-port", type=_port, help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
     check = commands.add_parser("check-config", help="validate a config file and summarize it")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
@@ -78,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("dir", metavar="DIR", help="where to write them (made 0700 if missing)")
     keys.set_defaults(func=_keys)
     _add_audit(commands)
+    _add_reports(commands)
     demo = commands.add_parser(
         "demo", help="a dev IdP, a sample app and the gateway, on loopback (Ctrl-C stops)"
     )
@@ -140,6 +145,58 @@ def _add_audit_tail(actions: argparse._SubParsersAction[_Parser]) -> None:
     tail.set_defaults(func=_audit_tail)
 
 
+def _add_reports(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """`gateway report ...` and `gateway review attest` (docs/reports.md)."""
+    report = commands.add_parser("report", help="access review and HITRUST evidence reports")
+    kinds = report.add_subparsers(
+        dest="report_kind", required=True, metavar="REPORT", parser_class=_Parser
+    )
+    review = kinds.add_parser(
+        "access-review",
+        help="who can reach which route now, with last use, MFA, flags and attestations",
+        description="Reads the config's record store (nothing is changed). The format "
+        "follows --out: .html, .csv or .json.",
+    )
+    review.add_argument("-c", "--config", required=True, metavar="FILE")
+    review.add_argument("--since", default="90d", metavar="DURATION", help="window (90d)")
+    review.add_argument("--out", required=True, metavar="FILE", help="FILE.html|.csv|.json")
+    review.set_defaults(func=_report_access_review)
+    evidence = kinds.add_parser(
+        "evidence",
+        help="a signed bundle of evidence per HITRUST CSF control over a period",
+        description="Verifies the audit log, then writes index.html, evidence.json, the audit "
+        "public key, SHA256SUMS and its Ed25519 signature into a new directory. Exit 1 when "
+        "an origin of the log fails verification (the bundle is still written).",
+    )
+    evidence.add_argument("-c", "--config", required=True, metavar="FILE")
+    evidence.add_argument("--since", required=True, metavar="DATE", help="2026-01-01 (UTC)")
+    evidence.add_argument("--until", required=True, metavar="DATE", help="inclusive day")
+    evidence.add_argument(
+        "--audit",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="audit directories, one per replica (default: audit.dir)",
+    )
+    evidence.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    evidence.set_defaults(func=_report_evidence)
+    reviews = commands.add_parser("review", help="record access review decisions (admin API)")
+    actions = reviews.add_subparsers(
+        dest="review_action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    attest = actions.add_parser(
+        "attest",
+        help="keep or revoke a user's access (operate role; revoke disables the user)",
+        description="The reviewer recorded is the name of the token in GATEWAY_ADMIN_TOKEN.",
+    )
+    attest.add_argument("-c", "--config", required=True, metavar="FILE")
+    attest.add_argument("--user", required=True, metavar="U", help="user_claim value or ISS|SUB")
+    attest.add_argument("--decision", required=True, choices=["keep", "revoke"])
+    attest.add_argument("--note", default="", metavar="TEXT", help="why (kept with the decision)")
+    attest.set_defaults(func=_review_attest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -191,28 +248,37 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from gateway.admin import TokensFileError
+    from gateway.breakglass_accounts import AccountsFileError
     from gateway.events import configure_logging
     from gateway.keyfiles import KeyFileError
     from gateway.server import new_event_loop, serve
     from gateway.settings import ConfigError, load_settings
+    from gateway.supervisor import Worker, supervise, worker_logs
 
     configure_logging()
+    if args.worker is not None:
+        worker_logs(args.worker)
     try:
         settings = load_settings(args.config)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_USAGE
     log = logging.getLogger("gateway")
-    for warning in settings.warnings:
+    for warning in settings.warnings if args.worker is None else ():  # the parent's to say
         log.warning(warning)
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(settings))
+        if args.worker is None and settings.server.workers > 1:
+            return loop.run_until_complete(supervise(settings))
+        worker = (
+            Worker(args.worker, args.port, args.admin_port) if args.worker is not None else None
+        )
+        loop.run_until_complete(serve(settings, worker))
     except OSError as err:  # the port is taken, a TLS file is unreadable, ...
         print(f"gateway: cannot serve: {err}", file=sys.stderr)
         return 1
-    except (TokensFileError, KeyFileError) as err:  # FILE[:LINE]: what is wrong
-        print(f"gateway: {err}", file=sys.stderr)
+    except (TokensFileError, KeyFileError, AccountsFileError) as err:
+        print(f"gateway: {err}", file=sys.stderr)  # FILE[:LINE]: what is wrong
         return EXIT_USAGE
     finally:
         loop.close()
@@ -328,6 +394,47 @@ def _users(args: argparse.Namespace) -> int:
     admin, token = target
     try:
         print(users_command(admin, token, args.action, args.user, os.environ))
+    except CallFailed as failed:
+        print(f"gateway: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report_access_review(args: argparse.Namespace) -> int:
+    from gateway import access_review
+    from gateway.reports import ReportError
+
+    try:
+        return access_review.main(args.config, args.since, args.out)
+    except ReportError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        return err.status
+
+
+def _report_evidence(args: argparse.Namespace) -> int:
+    from gateway import bundle
+    from gateway.reports import ReportError
+
+    try:
+        return bundle.main(args.config, args.since, args.until, args.audit, args.out)
+    except ReportError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        return err.status
+
+
+def _review_attest(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.adminclient import CallFailed, review_command
+
+    if not args.user.strip():
+        return _usage("--user needs a value: a user_claim value, or ISS|SUB")
+    target = _admin_target(args.config)
+    if isinstance(target, int):
+        return target
+    admin, token = target
+    try:
+        print(review_command(admin, token, args.user, args.decision, args.note, os.environ))
     except CallFailed as failed:
         print(f"gateway: {failed}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
     <cookie_name>          the session: an opaque 256-bit id, Max-Age = sessions.max_lifetime
     <cookie_name>-login    the sealed login state (state, nonce, PKCE verifier, rd), 10 minutes
+    <cookie_name>-break-glass  the break-glass form's sealed token, 10 minutes
 
 Always HttpOnly, SameSite=Lax, Path=/, Secure under https, and never a Domain attribute:
 each host gets its own host-only cookie (through the handoff), so no app on a sibling
@@ -22,9 +23,10 @@ class Cookies:
     def __init__(self, name: str, *, secure: bool, max_age: float) -> None:
         self.session = name
         self.login = f"{name}-login"
+        self.break_glass = f"{name}-break-glass"
         self.secure = secure
         self._max_age = int(max_age)
-        self.names = frozenset({self.session, self.login})
+        self.names = frozenset({self.session, self.login, self.break_glass})
         # One cookie pair `name=value` of ours, at the start or after a ';' (on every request).
         self._session_pair = re.compile(rf"(?:^|;)\s*{re.escape(name)}=\s*\"?([^;\"]*)")
 
@@ -40,7 +42,11 @@ class Cookies:
         return values[0] if values else None
 
     def login_state(self, headers: Iterable[str]) -> str | None:
-        values = [v for n, v in _pairs(headers) if n == self.login]
+        return self.one(headers, self.login)
+
+    def one(self, headers: Iterable[str], name: str) -> str | None:
+        """The value of the cookie `name`, if the request sent exactly one."""
+        values = [v for n, v in _pairs(headers) if n == name]
         return values[0] if len(values) == 1 else None
 
     def set_session(self, response: web.StreamResponse, cookie_id: str) -> None:
@@ -48,6 +54,9 @@ class Cookies:
 
     def set_login(self, response: web.StreamResponse, sealed: str) -> None:
         self._set(response, self.login, sealed, 600)
+
+    def set_break_glass(self, response: web.StreamResponse, sealed: str) -> None:
+        self._set(response, self.break_glass, sealed, 600)
 
     def clear(self, response: web.StreamResponse, name: str) -> None:
         self._set(response, name, "", 0)

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -134,7 +135,8 @@ class Directory:
         self._sealer = keyring.sealer(_SEAL)
         self._clock = clock
         self._accessed: dict[str, dict[str, float]] = {}  # identity -> route -> time
-        self._disabled: set[str] = set()
+        self._disabled: dict[str, str] = {}  # identity -> the disable's id
+        self._unsure: set[str] = set()  # announced, but the entry could not be read yet
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -153,7 +155,7 @@ class Directory:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged where it failed
                 await task
         if self._subscription is not None:
             await self._subscription.close()
@@ -161,39 +163,54 @@ class Directory:
             await self.flush()
 
     async def _reload(self) -> None:
-        self._disabled = {e.identity async for e in self.entries() if e.disabled}
+        self._disabled = {e.identity: disable_id(e) async for e in self.entries() if e.disabled}
 
     async def _listen(self, subscription: Subscription) -> None:
         async for message in subscription:
             identity = message.decode("utf-8", "replace")
-            entry = await self.get(identity)
-            if entry is not None and entry.disabled:
-                self._disabled.add(identity)
-            else:
-                self._disabled.discard(identity)
+            try:
+                entry = await self.get(identity)
+            except Exception:
+                # SECURITY: unreadable now: treat as disabled (fail closed) until a read works.
+                log.warning("a disable or enable could not be read; refusing the user meanwhile")
+                self._disabled.setdefault(identity, "unread")
+                self._unsure.add(identity)
+                continue
+            self._unsure.discard(identity)
+            self._note(identity, entry)
+
+    def _note(self, identity: str, entry: Entry | None) -> None:
+        if entry is not None and entry.disabled:
+            self._disabled[identity] = disable_id(entry)
+        else:
+            self._disabled.pop(identity, None)
 
     async def _flusher(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_EVERY)
             try:
                 await self.flush()
+                for identity in list(self._unsure):  # announcements that could not be read
+                    self._note(identity, await self.get(identity))
+                    self._unsure.discard(identity)
             except Exception:
-                log.exception("last-access times could not be written; kept for the next try")
+                log.exception("the directory could not be written or read; trying again later")
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read(self, identity: str) -> tuple[Entry, int] | None:
+    async def _read(self, identity: str) -> tuple[Entry | None, int | None]:
+        """(the entry, its version); an entry that does not open is (None, its version)."""
         key = _key(identity)
         stored = await self._records.get(KIND, key)
         if stored is None:
-            return None
+            return None, None
         plain = self._sealer.open(KIND, key, stored.value)
-        # SECURITY: an entry that does not open (tampered, foreign key) reads as absent.
-        return (_entry(orjson.loads(plain)), stored.version) if plain is not None else None
+        # SECURITY: an entry that does not open (tampered, foreign key) reads as absent, and
+        # the next login writes a good one over it.
+        return (_entry(orjson.loads(plain)) if plain is not None else None), stored.version
 
     async def get(self, identity: str) -> Entry | None:
-        found = await self._read(identity)
-        return found[0] if found is not None else None
+        return (await self._read(identity))[0]
 
     async def entries(self) -> AsyncIterator[Entry]:
         after = ""
@@ -228,8 +245,7 @@ class Directory:
         """Compare-and-swap `change` into the entry; (before, after)."""
         key = _key(identity)
         while True:
-            found = await self._read(identity)
-            before, version = found if found is not None else (None, None)
+            before, version = await self._read(identity)
             after = change(before)
             if after is None:
                 return before, before
@@ -292,7 +308,7 @@ class Directory:
         """Write the remembered last-access times; how many users were written."""
         pending, self._accessed = self._accessed, {}
         written = 0
-        for identity, routes in pending.items():
+        for done, (identity, routes) in enumerate(pending.items()):
 
             def merge(before: Entry | None, routes: dict[str, float] = routes) -> Entry | None:
                 if before is None:
@@ -305,20 +321,27 @@ class Directory:
             try:
                 _, after = await self._change(identity, merge)
             except Exception:
-                for route, at in routes.items():  # keep them for the next flush
-                    self._accessed.setdefault(identity, {}).setdefault(route, at)
+                self._keep(list(pending.items())[done:])  # this one and every one not yet tried
                 raise
             written += after is not None
         return written
 
+    def _keep(self, unwritten: list[tuple[str, dict[str, float]]]) -> None:
+        """Put back times a flush could not write (newer ones noted meanwhile win)."""
+        for identity, routes in unwritten:
+            noted = self._accessed.setdefault(identity, {})
+            for route, at in routes.items():
+                noted[route] = max(at, noted.get(route, 0.0))
+
     async def disable(self, identity: str, actor: str, reason: str = "") -> Entry:
-        flag = {"at": self._clock(), "actor": actor, "reason": reason}
+        # `id` tells one disable from the next (alerts fire once per disable).
+        flag = {"at": self._clock(), "actor": actor, "reason": reason, "id": secrets.token_hex(8)}
         _, after = await self._change(
             identity, lambda e: replace(e, disabled=flag) if e is not None else None
         )
         if after is None:
             raise NotFound(f"no user {identity!r} has signed in here", reason="unknown-user")
-        self._disabled.add(identity)
+        self._disabled[identity] = disable_id(after)
         await self._store.publish(CHANNEL, identity.encode())
         emit(
             Event(
@@ -334,7 +357,7 @@ class Directory:
         )
         if after is None:
             raise NotFound(f"no user {identity!r} has signed in here", reason="unknown-user")
-        self._disabled.discard(identity)
+        self._disabled.pop(identity, None)
         await self._store.publish(CHANNEL, identity.encode())
         emit(Event("user.enabled", {"user": after.user, "identity": identity, "actor": actor}))
         return after
@@ -342,9 +365,17 @@ class Directory:
     def disabled(self, identity: str) -> bool:
         return identity in self._disabled
 
+    def disable_id(self, identity: str) -> str | None:
+        """Which disable holds the identity now (alerts fire once per disable)."""
+        return self._disabled.get(identity)
+
     async def disabled_now(self, identity: str) -> bool:
         entry = await self.get(identity)
         return entry is not None and entry.disabled is not None
+
+
+def disable_id(entry: Entry) -> str:
+    return str((entry.disabled or {}).get("id", ""))
 
 
 def _compare(before: Entry | None, after: Entry, network: str | None) -> Seen:

@@ -1,6 +1,7 @@
 """The OpenID Connect relying party (SPEC §5): the only module that speaks JOSE with the IdP.
 
     Provider.discover()                      metadata, issuer checked exactly
+    Provider.probe(within)                   whether the IdP answers now (break-glass)
     Provider.authorization_url(...)          code flow with PKCE S256, state, nonce
     Provider.exchange_code(...)              -> Tokens (client_secret_basic or _post)
     Provider.validate_id_token(...)          -> claims, or TokenRejected(reason)
@@ -175,6 +176,19 @@ class Provider:
         self._metadata = metadata
         await self._refresh_keys()
         return metadata
+
+    async def probe(self, within: float) -> bool:
+        """Whether the IdP answers now: its discovery document, naming its own issuer, and the
+        JWKS that document names, each fetched afresh within `within` seconds."""
+        url = self.client.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        try:
+            doc = await self._get_json(url, within=within)
+            if doc.get("issuer") != self.client.issuer:
+                return False
+            keys = (await self._get_json(_endpoint(doc, "jwks_uri"), within=within)).get("keys")
+        except (IdpUnavailable, ValueError):
+            return False
+        return isinstance(keys, list) and bool(keys)
 
     async def _refresh_keys(self) -> None:
         self._keys_fetched_at = self._clock()
@@ -430,9 +444,12 @@ class Provider:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _get_json(self, url: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    async def _get_json(
+        self, url: str, headers: Mapping[str, str] | None = None, within: float | None = None
+    ) -> dict[str, Any]:
+        limit = self._http.timeout if within is None else aiohttp.ClientTimeout(total=within)
         try:
-            async with self._http.get(url, headers=headers) as resp:
+            async with self._http.get(url, headers=headers, timeout=limit) as resp:
                 if resp.status != 200:
                     raise IdpUnavailable(f"{url} answered {resp.status}")
                 body = await resp.json(content_type=None)

@@ -3,6 +3,10 @@
 SIGTERM or SIGINT: stop accepting, let in-flight requests finish for up to
 SHUTDOWN_TIMEOUT seconds, close upstream connections, exit 0. SIGHUP: reload
 the config file's routes and policies and the admin tokens (gateway.reload).
+
+With `server.workers: N` this is one worker of N (gateway.supervisor): it binds the port
+its parent reserved with SO_REUSEPORT, names its audit chain after its index, reports
+`worker.started` to the parent instead of `server.started`, and stops when the parent goes.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from gateway.admin import AdminApi, TokensFileError
 from gateway.app import Gateway
 from gateway.audit.files import FileLayer
 from gateway.events import Event, emit
+from gateway.replicas import Replicas
 from gateway.sessions import Clock
 from gateway.settings import Settings
+from gateway.store import SessionStore
+from gateway.supervisor import Worker, lifeline, report_ready
 
 SHUTDOWN_TIMEOUT = 30.0
+_ALONE = Worker()  # a single process: server.listen as configured
 log = logging.getLogger("gateway.server")
 
 
@@ -51,6 +59,8 @@ class Listening:
                 await self.admin.reload_tokens()
             except (OSError, TokensFileError) as err:  # the tokens in use stay
                 log.error("admin tokens not reloaded: %s", err)
+        if self.gateway.replicas is not None:
+            await self.gateway.replicas.reloaded()  # the new hash in /readyz everywhere
         return prepared.ok
 
     async def stop(self) -> None:
@@ -58,6 +68,8 @@ class Listening:
         await self.runner.cleanup()  # stop accepting; wait for in-flight requests (bounded)
         if self.admin is not None:
             await self.admin.stop()
+        if self.gateway.replicas is not None:
+            await self.gateway.replicas.close()
         await self.gateway.close()
 
 
@@ -66,9 +78,10 @@ async def listen(
     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     clock: Clock = time.time,
     audit_files: FileLayer | None = None,
+    worker: Worker = _ALONE,
 ) -> Listening:
     admin = await AdminApi.open(settings)  # a bad tokens file stops start-up before any listener
-    gateway = Gateway(settings, clock, audit_files)
+    gateway = Gateway(settings, clock, audit_files, worker=worker.index)
     await gateway.start()
     runner = web.ServerRunner(
         web.Server(gateway.handle, access_log=None),
@@ -79,18 +92,47 @@ async def listen(
         await runner.setup()
         address = settings.server.listen
         site = web.TCPSite(
-            runner, address.host, address.port, ssl_context=listener_tls(settings), backlog=1024
+            runner,
+            address.host,
+            worker.port or address.port,
+            ssl_context=listener_tls(settings),
+            backlog=1024,
+            reuse_port=worker.shared,  # N workers on one port (gateway.supervisor)
         )
         await site.start()
         if admin is not None:
-            await admin.start(gateway, shutdown_timeout)
+            await admin.start(gateway, shutdown_timeout, worker.admin_port, worker.shared)
     except BaseException:
         # A port already taken must not leave stores and threads running behind the error.
+        if admin is not None:
+            await admin.stop()
         await runner.cleanup()
         await gateway.close()
         raise
     addresses = tuple(_address(s.getsockname()) for s in _sockets(site))
-    return Listening(gateway, runner, addresses, admin)
+    listening = Listening(gateway, runner, addresses, admin)
+    try:
+        gateway.replicas = await _replicas(settings, listening, worker)
+    except BaseException:
+        await listening.stop()
+        raise
+    return listening
+
+
+async def _replicas(settings: Settings, listening: Listening, worker: Worker) -> Replicas:
+    """This process among the others sharing its session store (reload fan-out, /readyz)."""
+    gateway = listening.gateway
+    assert gateway.audit is not None
+    store: SessionStore | None = gateway.auth.store if gateway.auth is not None else None
+    shared = settings.server.workers > 1 or settings.state.sessions.scheme.startswith("redis")
+    return await Replicas.open(
+        str(settings.state.sessions) if shared else "memory://",
+        store,
+        gateway.audit.writer.origin,
+        lambda: gateway.runtime.policies.hash,
+        listening.reload,
+        worker.index,
+    )
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -103,9 +145,9 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
-    listening = await listen(settings)
+async def serve(settings: Settings, worker: Worker | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or, as a worker, until the parent goes), then stop."""
+    listening = await listen(settings, worker=worker or _ALONE)
     # The config (thousands of route objects) lives as long as the process: keep it out of every
     # full garbage collection, which would otherwise pause the loop in proportion to its size.
     gc.freeze()
@@ -121,20 +163,37 @@ async def serve(settings: Settings) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
-    started = {
+    kind, who = "server", {}
+    if worker is not None:  # the parent says server.started, once every worker serves
+        kind, who = "worker", {"worker": worker.index, "origin": _origin(listening)}
+    started = {**_started(settings, listening), **who}
+    emit(Event(f"{kind}.started", started))  # after the handlers: a SIGHUP now is a reload
+    parent = await lifeline(stop.set) if worker is not None else None
+    if worker is not None:
+        report_ready(started)
+    try:
+        await stop.wait()
+        emit(Event(f"{kind}.stopping", {"grace_seconds": SHUTDOWN_TIMEOUT, **who}))
+    finally:
+        if parent is not None:
+            parent.close()
+        await listening.stop()
+    emit(Event(f"{kind}.stopped", who))
+
+
+def _started(settings: Settings, listening: Listening) -> dict[str, object]:
+    return {
         "version": __version__,
         "listen": list(listening.addresses),
         "admin": list(listening.admin.addresses) if listening.admin else None,
         "routes": len(settings.routes),
         "config": str(settings.source),
     }
-    emit(Event("server.started", started))  # after the handlers: a SIGHUP now is a reload
-    try:
-        await stop.wait()
-        emit(Event("server.stopping", {"grace_seconds": SHUTDOWN_TIMEOUT}))
-    finally:
-        await listening.stop()
-    emit(Event("server.stopped"))
+
+
+def _origin(listening: Listening) -> str:
+    assert listening.gateway.replicas is not None
+    return listening.gateway.replicas.origin
 
 
 def _sockets(site: web.TCPSite) -> list[socket.socket]:

@@ -82,13 +82,15 @@ class Session:
     version: int = 1  # bumped whenever claims change (assertions are cached per version)
     email_verified: bool = False  # the IdP said email_verified: true
     mfa_at: float | None = None  # when a TOTP or recovery code was verified by the gateway
+    max_lifetime: float | None = None  # this session's own cap, under the global (break-glass)
 
     @property
     def identity(self) -> str:
         return f"{self.iss}|{self.sub}"
 
     def expires(self, limits: Limits) -> float:
-        return self.created + limits.max_lifetime
+        life = limits.max_lifetime
+        return self.created + (life if self.max_lifetime is None else min(life, self.max_lifetime))
 
 
 class SessionInvalid(Exception):
@@ -185,6 +187,8 @@ class Sessions:
         refresh_token: str | None,
         refresh_after: float | None,
         email_verified: bool = False,
+        mfa_at: float | None = None,
+        max_lifetime: float | None = None,
     ) -> tuple[str, Session]:
         """A new session under a new random id; (the cookie id, the session)."""
         cookie_id = secrets.token_urlsafe(32)  # 256 bits
@@ -207,6 +211,8 @@ class Sessions:
             refresh_token,
             refresh_after,
             email_verified=email_verified,
+            mfa_at=mfa_at,
+            max_lifetime=max_lifetime,
         )
         await self._save(session)
         await self._index(session)
@@ -292,7 +298,7 @@ class Sessions:
         if self.within_limits(session, idle_timeout=idle_timeout, max_lifetime=max_lifetime):
             return session
         now = self._clock()
-        if now >= session.created + self.limits.max_lifetime:
+        if now >= session.expires(self.limits):
             await self.end(session.key, "session-expired")
             raise SessionInvalid("session-expired")
         if now >= session.last_active + self.limits.idle_timeout:
@@ -321,9 +327,9 @@ class Sessions:
         now = self._clock()
         idle = self.limits.idle_timeout if idle_timeout is None else idle_timeout
         life = self.limits.max_lifetime if max_lifetime is None else max_lifetime
-        return now < session.last_active + min(
-            idle, self.limits.idle_timeout
-        ) and now < session.created + min(life, self.limits.max_lifetime)
+        return now < session.last_active + min(idle, self.limits.idle_timeout) and now < min(
+            session.created + life, session.expires(self.limits)
+        )
 
     def touch_due(self, session: Session) -> bool:
         """Whether this request's activity should be written (cheap; no I/O)."""

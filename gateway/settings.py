@@ -236,6 +236,7 @@ class RateLimits(_Model):
     callback: RateLimit = RateLimit(count=30, window=60.0)
     backchannel_logout: RateLimit = RateLimit(count=120, window=60.0)
     mfa: RateLimit = RateLimit(count=30, window=60.0)  # /.gateway/mfa and its enrollment page
+    break_glass: RateLimit = RateLimit(count=10, window=60.0)  # /.gateway/break-glass
 
 
 class BreakGlass(_Model):
@@ -470,8 +471,33 @@ def _check_plugins(s: Settings) -> Iterator[Problem]:
         yield from err.problems
 
 
+def _check_break_glass(s: Settings) -> Iterator[Problem]:
+    """The accounts file is read and checked now: a bad one is found before the emergency."""
+    from gateway.breakglass_accounts import AccountsFileError, load_accounts
+
+    path = s.break_glass.accounts_file
+    if path is None:
+        return
+    where = (("break_glass", "accounts_file"), ("break_glass",))
+    if not s.protected_routes:
+        yield Problem("break_glass.accounts_file: break-glass needs a protected route", where)
+    if not path.exists():
+        return  # a warning says so, as for every *_file; the start refuses it
+    try:
+        load_accounts(path)
+    except AccountsFileError as err:
+        yield from (Problem(f"break_glass.accounts_file: {issue}", where) for issue in err.issues)
+
+
 def _problems(s: Settings) -> Iterator[Problem]:
-    checks = (_check_routes, _check_protection, _check_workers, _check_admin, _check_plugins)
+    checks = (
+        _check_routes,
+        _check_protection,
+        _check_workers,
+        _check_admin,
+        _check_plugins,
+        _check_break_glass,
+    )
     for check in checks:
         yield from check(s)
 

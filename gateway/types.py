@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from gateway.access import Admission, Ask
     from gateway.audit.recorder import Recorder
     from gateway.auth import Auth
+    from gateway.metrics import Metrics
     from gateway.reload import Prepared
+    from gateway.replicas import Replicas
     from gateway.runtime import Runtime
     from gateway.settings import Route
 
@@ -30,6 +32,12 @@ class GatewayState(Protocol):
 
     @property
     def audit(self) -> Recorder | None: ...  # the audit log; None before start
+
+    @property
+    def metrics(self) -> Metrics: ...  # this process's share of GET /metrics
+
+    @property
+    def replicas(self) -> Replicas | None: ...  # the processes sharing the store; None: alone
 
     async def admit(
         self, request: web.BaseRequest, route: Route, ask: Ask, runtime: Runtime

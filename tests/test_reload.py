@@ -379,8 +379,12 @@ async def test_admin_reload_needs_the_operate_role(live: Live) -> None:
     assert live.events_of("policy.reloaded") == []
 
     status, body = await live.admin_call("POST", "/reload", TOKENS["operate"])
-    after = (await live.readyz())["policy_hash"]
+    ready = await live.readyz()
+    after = ready["policy_hash"]
     assert status == 200, body
+    _, detail = await live.admin_call("GET", "/readyz", TOKENS["read"])
+    assert body.pop("workers") == {detail["origin"]: after}  # each worker's hash (one here)
+    assert "origin" not in ready  # the public readyz names no host
     assert body == {
         "reloaded": True,
         "policy_hash": after,

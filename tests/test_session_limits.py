@@ -723,6 +723,7 @@ async def test_a_redis_restart_fails_closed_and_recovers(
                 "record_store": "ok",
                 "revocations": "ok",
                 "identity_provider": "ok",
+                "reload_channel": "ok",
             },
         )
 

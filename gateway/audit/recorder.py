@@ -209,8 +209,10 @@ async def open_recorder(
     clock: Callable[[], float] = time.time,
     files: FileLayer | None = None,
     plugins: Plugins | None = None,
+    worker: int = 0,
 ) -> Recorder:
-    """The process's audit log: its writer (chain continued or begun) and HMAC key."""
+    """The process's audit log: its writer (chain continued or begun) and HMAC key; worker
+    N > 0 of server.workers writes its own chain (origin_for)."""
     audit = settings.audit
     if audit.signing_key_file is not None:
         key = await asyncio.to_thread(load_private_key, audit.signing_key_file, "ed25519")
@@ -224,7 +226,7 @@ async def open_recorder(
         await asyncio.to_thread(load_private_key, path, "ed25519")
         for path in audit.previous_signing_key_files
     ]
-    config = WriterConfig.from_settings(audit, origin_for(audit.origin))
+    config = WriterConfig.from_settings(audit, origin_for(audit.origin, worker))
     listeners = [plugins.on_records] if plugins is not None else []
     writer = await AuditWriter.open(
         config, key, previous_keys=previous, clock=clock, files=files, listeners=listeners

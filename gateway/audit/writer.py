@@ -342,6 +342,10 @@ class AuditWriter:
         return True
 
     @property
+    def origin(self) -> str:
+        return self._config.origin
+
+    @property
     def healthy(self) -> bool:
         """False from a failed write until a later write succeeds."""
         return self._healthy

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.auth import LOGIN_STATE_TTL, Auth, LoginState
+from gateway.directory import disable_id
 from gateway.errors import BadRequest, Forbidden, ServiceUnavailable
 from gateway.events import Event, emit
 from gateway.handlers.login import after_login, need_auth
@@ -110,11 +111,15 @@ async def _refuse_disabled(
 ) -> None:
     """A disabled user gets no session until enabled (read from the store: fail closed)."""
     identity = f"{claims['iss']}|{claims['sub']}"
-    if not await auth.directory.disabled_now(identity):
+    entry = await auth.directory.get(identity)
+    if entry is None or entry.disabled is None:
         return
-    fields = {"identity": identity, "client_ip": client_ip, "request_id": request_id}
-    emit(Event("auth.login_refused", {**fields, "reason": "user-disabled"}))
-    auth.monitor.refused(f"disabled:{identity}", {**fields, "attempt": "login"})
+    fields = {"user": entry.user, "identity": identity, "client_ip": client_ip}
+    emit(
+        Event("auth.login_refused", {**fields, "reason": "user-disabled", "request_id": request_id})
+    )
+    cause = f"disabled:{identity}:{disable_id(entry)}"
+    auth.monitor.refused(cause, {**fields, "attempt": "login"})
     # SECURITY: disabling is instant and lasting: the IdP's yes does not override it.
     raise Forbidden("your account is disabled here; ask your administrator", reason="user-disabled")
 
