@@ -45,6 +45,7 @@ from gateway.reports import (
     open_sources,
     render,
     utc,
+    write_private,
 )
 from gateway.reviews import Attestation, Grant, grants
 from gateway.settings import Route, Settings
@@ -294,7 +295,7 @@ def write(report: Report, out: Path) -> None:
     else:
         data = as_html(report).encode("utf-8")
     try:
-        out.write_bytes(data)
+        write_private(out, data)
     except OSError as err:
         raise ReportError(f"cannot write {out}: {err.strerror}", status=1) from None
 

@@ -39,7 +39,15 @@ from gateway.evidence_access import access_sections
 from gateway.evidence_log import LogTally, after_disable, read
 from gateway.evidence_operations import operations_sections
 from gateway.keyfiles import KeyFileError, key_id, load_private_key, load_public_key
-from gateway.reports import ReportError, load_config, open_sources, parse_date, render, utc
+from gateway.reports import (
+    ReportError,
+    load_config,
+    open_sources,
+    parse_date,
+    render,
+    utc,
+    write_private,
+)
 from gateway.settings import Settings
 
 PUBLIC_KEY = "audit-ed25519.pub"
@@ -192,10 +200,10 @@ def write(target: Path, document: dict[str, Any], signer: Ed25519PrivateKey) -> 
     }
     try:
         for name, text in files.items():
-            (target / name).write_text(text, encoding="utf-8")
+            write_private(target / name, text.encode("utf-8"))
         sums = sha256sums(target, sorted(files))
-        (target / SUMS).write_bytes(sums)
-        (target / SIGNATURE).write_bytes(signer.sign(sums))
+        write_private(target / SUMS, sums)
+        write_private(target / SIGNATURE, signer.sign(sums))
     except OSError as err:
         raise ReportError(
             f"cannot write the bundle in {target}: {err.strerror}", status=1

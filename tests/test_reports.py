@@ -255,6 +255,12 @@ def test_the_access_review_json_validates_against_its_schema(made: Made) -> None
     assert data["policy_hash"].startswith("sha256:") and data["window"]["since"] == "1d"
 
 
+def test_report_files_are_readable_by_their_owner_only(made: Made) -> None:
+    files = [*made.out.glob("review.*"), *made.bundle.iterdir()]
+    assert len(files) == 9  # three reviews, six bundle files
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+
+
 def test_the_access_review_shows_access_flags_mfa_and_attestations(made: Made) -> None:
     rows = rows_by_user(made)
     assert set(rows) == {f"{u}@example.org" for u in ("alice", "bob", "carol", "dave")} | {
