@@ -14,8 +14,10 @@ import hashlib
 import hmac
 import logging
 import secrets
+import ssl
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -56,6 +58,14 @@ def _renew_at(now: float, exp: object, expires_in: float | None) -> float | None
     if isinstance(exp, int | float) and exp > now:
         return now + (exp - now) * 0.75
     return now + expires_in * 0.75 if expires_in else None
+
+
+def _idp_tls(ca_file: Path | None) -> ssl.SSLContext:
+    """The system's CAs, plus `identity.ca_file` (an internal CA) when set; always verified."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +148,10 @@ class Auth:
             raise
         keyring = Keyring(settings.state.key_bytes)
         mfa = Mfa(records, store, keyring, issuer=settings.mfa.totp_issuer, clock=clock)
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=_idp_tls(identity.ca_file)),
+            timeout=aiohttp.ClientTimeout(total=15),
+        )
         secret = identity.client_secret.get_secret_value() if identity.client_secret else ""
         client = ClientConfig(
             identity.issuer,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -206,22 +207,26 @@ class DevIdP:
         app.router.add_route("POST", f"{prefix}/end_session", self._end_session)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on a loopback address (port 0: any free port); returns the issuer URL."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Listen on a loopback address (port 0: any free port), over TLS with `ssl_context`;
+        returns the issuer URL."""
         require_loopback(host)
         if self._runner is not None:
             raise RuntimeError("the dev IdP is already started")
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         if self._issuer is None:
             bound = runner.addresses[0][1]
-            self._issuer = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+            scheme = "https" if ssl_context is not None else "http"
+            self._issuer = f"{scheme}://{f'[{host}]' if ':' in host else host}:{bound}"
         return self._issuer
 
     async def stop(self) -> None:

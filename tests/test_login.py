@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import trustme
 import yaml
 from yarl import URL
 
@@ -432,3 +434,36 @@ async def test_service_clients_use_bearer_tokens(env: Env) -> None:
             assert resp.status == 401
             assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
             assert (await resp.json())["reason"] == "bad-token"
+
+
+# -- an IdP behind an internal CA ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_an_idp_behind_an_internal_ca_is_reached_only_with_identity_ca_file(
+    tmp_path: Path, trusted: bool
+) -> None:
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(served)
+    client = DevClient("gateway", SECRET, redirect_uris=("http://127.0.0.1/.gateway/callback",))
+    idp = DevIdP({"alice": DevUser("alice", "alice-pw")}, [client])
+    issuer = await idp.start(ssl_context=served)
+    assert issuer.startswith("https://")
+    port = free_port()
+    settings = config(port, issuer, "http://127.0.0.1:9", tmp_path)
+    if trusted:
+        ca.cert_pem.write_to_path(str(tmp_path / "internal-ca.pem"))
+        settings["identity"]["ca_file"] = str(tmp_path / "internal-ca.pem")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    gateway = await listen(load_settings(path), shutdown_timeout=2)
+    try:
+        async with aiohttp.ClientSession() as client:
+            resp = await client.get(f"http://127.0.0.1:{port}/.gateway/readyz")
+            checks = (await resp.json())["checks"]
+        # SECURITY: verified either way: without the CA, the IdP's certificate is not trusted.
+        assert checks["identity_provider"] == ("ok" if trusted else "unreachable")
+    finally:
+        await gateway.stop()
+        await idp.stop()
