@@ -47,8 +47,7 @@ from gateway.breakglass_accounts import Account, Accounts, AccountsFileError, fo
 from gateway.errors import BadRequest, GatewayError
 from gateway.events import Event, emit
 from gateway.keyring import Keyring
-from gateway.mfa import DRIFT, STEP
-from gateway.mfa import _matching_step as matching_step
+from gateway.mfa import DRIFT, STEP, matching_step
 from gateway.oidc import Provider
 from gateway.settings import Settings, parse_duration
 from gateway.store import SessionStore

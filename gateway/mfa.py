@@ -187,7 +187,7 @@ def otpauth_uri(secret: str, user: str, issuer: str) -> str:
     )
 
 
-def _matching_step(secret: str, code: str, now: float) -> int | None:
+def matching_step(secret: str, code: str, now: float) -> int | None:
     """The time step (within the drift) whose code is `code`, or None."""
     if not (len(code) == DIGITS and code.isascii() and code.isdigit()):
         return None  # full-width or Arabic-Indic digits are digits to str, never a code
@@ -310,7 +310,7 @@ class Mfa:
         pending = await self.pending(session)
         if pending is None:
             raise NotEnrolled()
-        step = _matching_step(pending.secret, code.strip(), self._clock())
+        step = matching_step(pending.secret, code.strip(), self._clock())
         if step is None:
             emit(Event("mfa.failed", {**_who(session), "reason": "enrollment-code"}))
             raise WrongCode()
@@ -372,7 +372,7 @@ class Mfa:
         return await self._recovery(session, factor, version, code, bucket)
 
     async def _totp(self, session: Session, factor: Factor, code: str, bucket: str) -> str:
-        step = _matching_step(factor.secret, code, self._clock())
+        step = matching_step(factor.secret, code, self._clock())
         if step is None:
             await self._failed(session, bucket, "wrong-code")
         assert step is not None
