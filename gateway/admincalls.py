@@ -304,7 +304,8 @@ async def _one_identity(auth: Auth, user: str) -> tuple[str, str] | None:
         factor = await auth.mfa.factor(user)
         return (user, factor.user) if factor is not None else None
     factors = await auth.mfa.factors_named(user)
-    known = {f.identity for f in factors} | await auth.sessions.identities_named(user)
+    seen = await auth.directory.named(user)  # everyone who ever signed in with that name
+    known = {f.identity for f in factors} | seen | await auth.sessions.identities_named(user)
     if len(known) > 1:
         # SECURITY: never guess which person an operator meant.
         names = ", ".join(sorted(known))

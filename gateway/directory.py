@@ -221,6 +221,10 @@ class Directory:
                     yield _entry(orjson.loads(plain))
             after = batch[-1][0]
 
+    async def named(self, user: str) -> set[str]:
+        """The identities that signed in with this user_claim value (ASCII case-insensitive)."""
+        return {e.identity async for e in self.entries() if _fold(e.user) == _fold(user)}
+
     async def resolve(self, user: str) -> Entry:
         """The one entry USER names; NotFound, or Conflict when it names several."""
         if is_identity(user):

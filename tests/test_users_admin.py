@@ -269,6 +269,16 @@ async def test_an_unknown_or_ambiguous_user_is_not_disabled(users_env: UsersEnv)
     assert await users_env.audited("user.disabled") == []
 
 
+async def test_an_enrollment_link_for_a_name_two_identities_use_is_refused(
+    users_env: UsersEnv,
+) -> None:
+    await users_env.signed_in(), await users_env.signed_in("alice2")
+    link = "/users/alice%40example.org/enroll-link"
+    status, answer = await users_env.call("POST", link, role="admin")
+    assert (status, answer["reason"]) == (409, "ambiguous-user")
+    assert "link" not in answer  # no link for whichever of the two opens it first
+
+
 async def test_a_disabled_users_bearer_token_is_refused(users_env: UsersEnv) -> None:
     env = users_env.env
     await users_env.signed_in()
