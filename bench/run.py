@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -448,6 +448,7 @@ class LoggedInSubject(GatewaySubject):
         self.idp_port = 0
         self.gateway_port = 0  # where the gateway listens: self.port unless a proxy is in front
         self.audit = audit
+        self.records = "memory://"  # state.records (bench/workers.py: PostgreSQL)
 
     def command(self, env: Env) -> list[str]:
         argv = super().command(env)  # [...gateway, "run", "-c", CONFIG]
@@ -479,7 +480,7 @@ class LoggedInSubject(GatewaySubject):
             f"{self.server_extra()}}}",
             f"identity: {{issuer: http://127.0.0.1:{self.idp_port}, client_id: gateway, "
             f"client_secret: {BENCH_CLIENT_SECRET}}}",
-            f'state: {{sessions: "{store}", records: "memory://", keys: ["{key}"]}}',
+            f'state: {{sessions: "{store}", records: "{self.records}", keys: ["{key}"]}}',
             "sessions: {cookie_name: gateway}",
             f"assertion: {{signing_key_file: {json.dumps(str(signing_key))}}}",
             f"audit: {{dir: {json.dumps(str(audit))}}}",
@@ -572,48 +573,9 @@ class ForwardAuthSubject(LoggedInSubject):
     def start(self, env: Env) -> None:
         super().start(env)  # the IdP and the gateway (self.gateway_port)
         self.port = free_port()
-        sets = "\n".join(
-            f"            auth_request_set ${var} $upstream_http_{upstream_var(header)};"
-            for header, var in self.IDENTITY.items()
+        body = auth_request_conf(
+            env, self.port, self.gateway_port, "/.gateway/auth", self.IDENTITY.items()
         )
-        passes = "\n".join(
-            f"            proxy_set_header {header} ${var};"
-            for header, var in self.IDENTITY.items()
-        )
-        body = f"""    upstream backend {{
-        server 127.0.0.1:{env.upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    upstream gateway {{
-        server 127.0.0.1:{self.gateway_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{self.port} backlog=4096;
-        location = /_gateway_auth {{
-            internal;
-            proxy_pass http://gateway/.gateway/auth;
-            proxy_http_version 1.1;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-Method $request_method;
-            proxy_set_header X-Forwarded-Host $host;
-            proxy_set_header X-Forwarded-Uri $request_uri;
-            proxy_set_header X-Forwarded-For $remote_addr;
-        }}
-        location / {{
-            auth_request /_gateway_auth;
-{sets}
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-{passes}
-        }}
-    }}"""
         self.nginx = start_nginx(env, f"{self.name}-nginx", body, env.subject_cpu)
 
     def wait_ready(self) -> None:
@@ -655,6 +617,84 @@ class ForwardAuthSubject(LoggedInSubject):
                 path = self.nginx.log_path.parent / self.nginx.name / "error.log"
                 error_log = "\n".join(path.read_text(errors="replace").splitlines()[-10:])
         return "\n".join(filter(None, [super().log_tail(), nginx, error_log]))
+
+
+class NginxAuthSubject(Subject):
+    """nginx with the forward-auth subject's config, `auth_request` going to bench/minimal_auth.py
+    (fixed identity headers) instead of the gateway: what the peers' common deployment costs at
+    the least. Both processes run on the subject CPU and both are charged."""
+
+    def __init__(self, name: str, description: str) -> None:
+        super().__init__(name, description)
+        self.auth_port = 0
+        self.nginx: Server | None = None
+
+    def start(self, env: Env) -> None:
+        self.port, self.auth_port = free_port(), free_port()
+        script = [sys.executable, str(BENCH_DIR / "minimal_auth.py"), "--port", str(self.auth_port)]
+        self.server = env.spawn(f"{self.name}-auth", script, env.subject_cpu)
+        identity = ForwardAuthSubject.IDENTITY.items()
+        body = auth_request_conf(env, self.port, self.auth_port, "/auth", identity)
+        self.nginx = start_nginx(env, self.name, body, env.subject_cpu)
+
+    def wait_ready(self) -> None:
+        assert self.server is not None
+        wait_ready(self.server, f"http://127.0.0.1:{self.auth_port}/auth", self.ready_timeout)
+        wait_for_port(self.port, self.ready_timeout)
+        check_response(self.url, self.headers)
+
+    def pids(self) -> list[int]:
+        return [server.pid for server in (self.server, self.nginx) if server is not None]
+
+    def alive(self) -> bool:
+        return super().alive() and self.nginx is not None and self.nginx.alive()
+
+
+def auth_request_conf(
+    env: Env, port: int, auth_port: int, auth_uri: str, identity: Iterable[tuple[str, str]]
+) -> str:
+    """nginx `http` body: auth_request to 127.0.0.1:auth_port`auth_uri`, then proxy_pass to the
+    upstream with the identity headers (header -> nginx variable) the auth answer carried."""
+    identity = list(identity)
+    sets = "\n".join(
+        f"            auth_request_set ${var} $upstream_http_{upstream_var(header)};"
+        for header, var in identity
+    )
+    passes = "\n".join(f"            proxy_set_header {header} ${var};" for header, var in identity)
+    return f"""    upstream backend {{
+        server 127.0.0.1:{env.upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    upstream auth {{
+        server 127.0.0.1:{auth_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /_gateway_auth {{
+            internal;
+            proxy_pass http://auth{auth_uri};
+            proxy_http_version 1.1;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Method $request_method;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-Uri $request_uri;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+        location / {{
+            auth_request /_gateway_auth;
+{sets}
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+{passes}
+        }}
+    }}"""
 
 
 def upstream_var(header: str) -> str:
@@ -764,6 +804,11 @@ def build_subjects() -> list[Subject]:
             "nginx auth_request -> gateway /.gateway/auth (logged in, SQLite sessions), "
             "then proxy_pass; CPU of nginx + gateway",
             "sqlite:///{tmp}/state.db",
+        ),
+        NginxAuthSubject(
+            "nginx-auth-min",
+            "the forward-auth subject's nginx with auth_request to bench/minimal_auth.py "
+            "(~30 lines of aiohttp answering 200); CPU of nginx + the auth service",
         ),
     ]
 
@@ -921,6 +966,7 @@ RATIOS = [
     Ratio("gateway ÷ nginx (reference)", "gateway", "nginx", None),
     Ratio("forward-auth ÷ nginx (reference)", "forward-auth", "nginx", None),
     Ratio("forward-auth ÷ session-sqlite (reference)", "forward-auth", "session-sqlite", None),
+    Ratio("forward-auth ÷ nginx-auth-min (reference)", "forward-auth", "nginx-auth-min", None),
 ]
 
 
@@ -930,6 +976,7 @@ class Results:
     revocation: list[str] = field(default_factory=list)  # bench/revocation.py's report lines
     lookup: list[str] = field(default_factory=list)  # bench/lookup.py's report lines
     writer: list[str] = field(default_factory=list)  # bench/audit_writer.py's report lines
+    extras: list[str] = field(default_factory=list)  # the EXTRAS scripts' tables
     apart: dict[str, list[Measurement | None]] = field(default_factory=dict)  # subject -> rounds
     together: dict[str, list[float | None]] = field(default_factory=dict)  # ratio label -> rounds
 
@@ -1146,6 +1193,12 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def stamp() -> str:
+    """The date and the machine, for the tables of the scripts run.py includes."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{now}, {cpu_model()}, {os.cpu_count()} cores"
+
+
 def package_version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -1210,6 +1263,7 @@ def report(
         parts += ["", *results.writer]
     if results.revocation:
         parts += ["", *results.revocation]
+    parts += results.extras
     parts += disturbed(env, subjects, results)
     if failed:
         parts += ["", "Failures:", ""]
@@ -1276,7 +1330,42 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
             results.revocation = revocation.measure(tmp, env.upstream_url).lines()
         except Exception as error:  # run.StartError is another class than __main__.StartError
             results.revocation = [f"Revocation latency: not measured ({error!r})"]
+    results.extras = extra_tables(env, subjects)
     return results
+
+
+# Issue 8's figures beyond CPU per request, each a script printing its own table (with its
+# baseline, spread, machine and date): (script, the subject whose run calls it, whether it
+# runs pinned to the subject CPU; latency.py and workers.py start and pin their own processes).
+EXTRAS = [
+    ("latency.py", "session-sqlite", False),
+    ("routes_load.py", "gateway-10k-routes", True),
+    ("sessions_memory.py", "session-redis", True),
+    ("workers.py", "session-redis", False),
+]
+
+
+def extra_tables(env: Env, subjects: Sequence[Subject]) -> list[str]:
+    ran = {s.name for s in subjects if s.error is None}
+    lines = []
+    for script, when, pinned in EXTRAS:
+        if when in ran:
+            log(f"# {script}")
+            lines += ["", *bench_script(env, script, pinned)]
+    return lines
+
+
+def bench_script(env: Env, script: str, pinned: bool) -> list[str]:
+    """Run bench/<script> alone (run.py's subjects stay idle meanwhile); its stdout."""
+    argv = [sys.executable, str(BENCH_DIR / script)]
+    if pinned:
+        argv = ["taskset", "-c", str(env.subject_cpu), *argv]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        tail = getattr(error, "stderr", None) or ""
+        return [f"{script}: not measured ({error}) {tail.strip()[-500:]}"]
+    return done.stdout.strip().splitlines()
 
 
 def audit_writer(env: Env) -> list[str]:
