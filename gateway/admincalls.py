@@ -82,7 +82,7 @@ async def list_sessions(call: Call) -> web.Response:
     elif user is None:
         found = await sessions.listing()
     else:
-        found = await _of_user(sessions, user)
+        found = await _of_user(call.gateway, sessions, user)
         call.facts["subject"] = user
     shown = [_public(s) for s in found if _current(call.gateway, s)]
     call.facts["count"] = len(shown)
@@ -105,7 +105,9 @@ async def revoke_user(call: Call) -> web.Response:
     user = call.params[0]
     sessions = _sessions(call.gateway)
     call.facts["subject"] = user
-    ended = await _end_all(sessions, user, call.token.name) if sessions is not None else 0
+    ended = 0
+    if sessions is not None:
+        ended = await _end_all(call.gateway, sessions, user, call.token.name)
     call.facts["count"] = ended
     return json_response({"user": user, "revoked": ended}, call.request_id)
 
@@ -305,7 +307,7 @@ async def _one_identity(auth: Auth, user: str) -> tuple[str, str] | None:
         return (user, factor.user) if factor is not None else None
     factors = await auth.mfa.factors_named(user)
     seen = await auth.directory.named(user)  # everyone who ever signed in with that name
-    known = {f.identity for f in factors} | seen | await auth.sessions.identities_named(user)
+    known = {f.identity for f in factors} | seen
     if len(known) > 1:
         # SECURITY: never guess which person an operator meant.
         names = ", ".join(sorted(known))
@@ -351,11 +353,13 @@ def _is_identity(user: str) -> bool:
     return bool(bar and sub) and issuer.startswith(("https://", "http://"))
 
 
-async def _of_user(sessions: Sessions, user: str) -> list[Session]:
-    """The sessions of USER; Conflict when the name belongs to several identities with sessions."""
+async def _of_user(gateway: GatewayState, sessions: Sessions, user: str) -> list[Session]:
+    """The sessions of USER; Conflict when the name belongs to several identities with sessions.
+    Names resolve through the directory (every identity that signed in with that name)."""
     if _is_identity(user):
         return await sessions.of_identity(user)
-    found = {i: await sessions.of_identity(i) for i in await sessions.identities_named(user)}
+    named = await _auth(gateway).directory.named(user)
+    found = {i: await sessions.of_identity(i) for i in named}
     live = {identity: listed for identity, listed in found.items() if listed}
     if len(live) > 1:
         # SECURITY: never guess which person an operator meant; ending the wrong one is worse.
@@ -364,9 +368,9 @@ async def _of_user(sessions: Sessions, user: str) -> list[Session]:
     return next(iter(live.values()), [])
 
 
-async def _end_all(sessions: Sessions, user: str, actor: str) -> int:
+async def _end_all(gateway: GatewayState, sessions: Sessions, user: str, actor: str) -> int:
     """End every session of USER everywhere; how many were still there to end."""
-    found = await _of_user(sessions, user)
+    found = await _of_user(gateway, sessions, user)
     return sum([await sessions.end(s.key, _REVOKED, actor=actor) for s in found])
 
 

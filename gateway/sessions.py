@@ -50,7 +50,7 @@ _SEAL_LABEL = "session-record"
 _SEEN = "session-seen"  # the activity record: last_active, apart from the session's claims
 _START_TIMEOUT = 5.0  # seconds to wait for the revocation channel at start
 # Admin-API indexes, each member expiring with the session that added it (bounded by TTLs):
-_ALL, _HANDLES, _NAMES = "all-sessions", "session-handles", "user-names"
+_ALL, _HANDLES = "all-sessions", "session-handles"
 
 Clock = Callable[[], float]
 
@@ -249,7 +249,6 @@ class Sessions:
             await self._store.index_add("sid-sessions", sid, key, ttl)
         await self._store.index_add(_ALL, "all", key, ttl)
         await self._store.index_add(_HANDLES, session.handle, key, ttl)
-        await self._store.index_add(_NAMES, _digest(session.user.lower()), session.identity, ttl)
 
     async def load(self, cookie_id: str) -> Session:
         """The session for a cookie id, or SessionInvalid; limits are checked by `check`."""
@@ -413,13 +412,6 @@ class Sessions:
         """The session with this public handle, whoever it belongs to (the admin API)."""
         found = await self._live(await self._store.index_members(_HANDLES, handle))
         return next((s for s in found if s.handle == handle), None)
-
-    async def identities_named(self, user: str) -> set[str]:
-        """The identities (`iss|sub`) that signed in with this user_claim value, in any case.
-
-        Members outlive their sessions by up to `max_lifetime`: callers check for live ones.
-        """
-        return await self._store.index_members(_NAMES, _digest(user.lower()))
 
     async def _live(self, keys: Iterable[str]) -> list[Session]:
         found = [await self._read(key) for key in keys]
