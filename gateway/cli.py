@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from gateway import __version__
@@ -360,44 +360,30 @@ def _audit_tail(args: argparse.Namespace) -> int:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    import os
-
-    from gateway.adminclient import CallFailed, Selection, sessions_command
+    from gateway.adminclient import Selection, sessions_command
 
     if args.action == "revoke" and not (args.user or args.handle or args.all):
         return _usage("sessions revoke needs --user U, --id HANDLE or --all")
     if "" in (args.user, args.handle):
         return _usage("--user and --id need a value")
-    target = _admin_target(args.config)
-    if isinstance(target, int):
-        return target
-    admin, token = target
     selection = Selection(args.user, args.handle, args.all)
-    try:
-        print(sessions_command(admin, token, args.action, selection, os.environ, args.json))
-    except CallFailed as failed:
-        print(f"gateway: {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return _admin_call(
+        args.config,
+        lambda admin, token, env: sessions_command(
+            admin, token, args.action, selection, env, args.json
+        ),
+    )
 
 
 def _users(args: argparse.Namespace) -> int:
-    import os
-
-    from gateway.adminclient import CallFailed, users_command
+    from gateway.adminclient import users_command
 
     if not args.user.strip():
         return _usage("USER needs a value: a user_claim value, or ISS|SUB")
-    target = _admin_target(args.config)
-    if isinstance(target, int):
-        return target
-    admin, token = target
-    try:
-        print(users_command(admin, token, args.action, args.user, os.environ))
-    except CallFailed as failed:
-        print(f"gateway: {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return _admin_call(
+        args.config,
+        lambda admin, token, env: users_command(admin, token, args.action, args.user, env),
+    )
 
 
 def _report_access_review(args: argparse.Namespace) -> int:
@@ -423,18 +409,30 @@ def _report_evidence(args: argparse.Namespace) -> int:
 
 
 def _review_attest(args: argparse.Namespace) -> int:
-    import os
-
-    from gateway.adminclient import CallFailed, review_command
+    from gateway.adminclient import review_command
 
     if not args.user.strip():
         return _usage("--user needs a value: a user_claim value, or ISS|SUB")
-    target = _admin_target(args.config)
+    return _admin_call(
+        args.config,
+        lambda admin, token, env: review_command(
+            admin, token, args.user, args.decision, args.note, env
+        ),
+    )
+
+
+def _admin_call(config: str, call: Callable[[Admin, str, Mapping[str, str]], str]) -> int:
+    """Run one admin API client command: what it prints, or one line on stderr and 1."""
+    import os
+
+    from gateway.adminclient import CallFailed
+
+    target = _admin_target(config)
     if isinstance(target, int):
         return target
     admin, token = target
     try:
-        print(review_command(admin, token, args.user, args.decision, args.note, os.environ))
+        print(call(admin, token, os.environ))
     except CallFailed as failed:
         print(f"gateway: {failed}", file=sys.stderr)
         return 1
