@@ -461,3 +461,34 @@ async def test_a_disable_on_one_process_is_refused_on_the_other(pair: Pair) -> N
     resp = await sign_in(browser, pair.base(1), "alice")
     assert resp.status == 302 and URL(resp.headers["Location"]).path == "/app/x"
     assert await reaches(browser, pair.base(1)) == 200
+
+
+async def test_a_session_that_raced_the_disable_is_refused_and_ended(users_env: UsersEnv) -> None:
+    """A login whose callback read the flag just before the disable landed still gets a
+    session; its first request must be refused (the in-process disabled set)."""
+    env = users_env.env
+    await users_env.signed_in()
+    status, _ = await users_env.call("POST", "/users/alice@example.org/disable")
+    assert status == 200
+    auth = env.gateway.gateway.auth
+    assert auth is not None
+    [identity] = await auth.directory.named(ALICE)
+    iss, _, sub = identity.partition("|")
+    cookie_id, _ = await auth.sessions.create(  # what the racing callback created
+        iss=iss,
+        sub=sub,
+        user=ALICE,
+        email=ALICE,
+        groups=["sre"],
+        amr=["pwd"],
+        sid=None,
+        auth_time=None,
+        id_token=None,
+        refresh_token=None,
+        refresh_after=None,
+    )
+    async with aiohttp.ClientSession(headers={"Cookie": f"gateway={cookie_id}"}) as client:
+        resp = await client.get(env.base + "/app/x", headers=JSON, allow_redirects=False)
+        assert (resp.status, (await resp.json())["reason"]) == (401, "user-disabled")
+    assert await auth.sessions.of_identity(identity) == []  # ended, not just refused
+    assert await users_env.audited("alert.disabled_user_attempt")
