@@ -143,6 +143,15 @@ def test_yaml_syntax_error_points_at_the_problem(tmp_path: Path) -> None:
     assert found[0].message.startswith("invalid YAML:")
 
 
+def test_a_control_character_is_placed_by_characters_not_bytes(tmp_path: Path) -> None:
+    # libyaml reports the byte offset; after two-byte letters and a ${VAR} it must still be
+    # the character the operator's editor shows.
+    text = PUBLIC + "sessions:\n  cookie_name: ${HOME}_séssiön\x07x\n"
+    found = issues(tmp_path, text)
+    assert positions(found) == [(12, 31)]
+    assert found[0].message.startswith("invalid character in the file:")
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
