@@ -27,6 +27,7 @@ class NullWriter:
     """AuditWriter's interface, keeping nothing."""
 
     healthy = True
+    origin = "no-audit"
 
     def submit(
         self,
@@ -50,7 +51,7 @@ class NullWriter:
 
     @property
     def stats(self) -> dict[str, int | str]:
-        return {}
+        return {"queued": 0}
 
     async def close(self, give_up_after: float | None = None) -> None:
         pass
@@ -61,6 +62,7 @@ async def open_null_recorder(
     clock: Callable[[], float] = time.time,
     files: object = None,
     plugins: object = None,
+    worker: int = 0,
 ) -> Recorder:
     methods = frozenset(settings.audit.sync_methods)
     return Recorder(NullWriter(), b"k" * 32, methods, clock)  # type: ignore[arg-type]

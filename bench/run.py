@@ -390,6 +390,19 @@ class MinimalProxySubject(Subject):
         return [sys.executable, str(script), "--port", port, "--upstream", env.upstream_url]
 
 
+class LeanProxySubject(Subject):
+    """bench/lean_proxy.py: the floor's experiments (low-level server; lean or aiohttp client)."""
+
+    def __init__(self, name: str, description: str, client: str) -> None:
+        super().__init__(name, description)
+        self.client = client
+
+    def command(self, env: Env) -> list[str]:
+        script = BENCH_DIR / "lean_proxy.py"
+        argv = [sys.executable, str(script), "--port", str(self.port)]
+        return [*argv, "--upstream", env.upstream_url, "--client", self.client]
+
+
 def gateway_argv() -> list[str]:
     console = Path(sys.executable).parent / "gateway"
     return [str(console)] if console.exists() else [sys.executable, "-m", "gateway"]
@@ -769,6 +782,17 @@ def build_subjects() -> list[Subject]:
         NginxProxySubject("nginx", "nginx proxy_pass, 1 worker, upstream keepalive 64"),
         GatewaySubject("gateway", "gateway run, one public route `/`, memory:// stores"),
         MinimalProxySubject("aiohttp-min", "bench/minimal_proxy.py: ~40-line aiohttp proxy"),
+        LeanProxySubject(
+            "server-min",
+            "bench/lean_proxy.py --client aiohttp: aiohttp-min on the low-level web.Server",
+            "aiohttp",
+        ),
+        LeanProxySubject(
+            "lean-min",
+            "bench/lean_proxy.py: server-min with a keep-alive pool of protocols and aiohttp's "
+            "C response parser instead of ClientSession (GET/HEAD only)",
+            "lean",
+        ),
         GatewaySubject("gateway-10-routes", "gateway, 10 public routes + `/`", routes=10),
         GatewaySubject("gateway-10k-routes", "gateway, 10,000 public routes + `/`", routes=10_000),
         LoggedInSubject(
@@ -936,14 +960,22 @@ class Ratio:
     denominator: str
     target: float | None  # PASS when the ratio is <= target; None = for reference only
     show_added: bool = False  # also show (ratio - 1) x the denominator's µs: the µs added
+    together: bool = False  # measured together even without a target (an experiment)
 
     @property
     def decides(self) -> bool:
         return self.target is not None
 
+    @property
+    def measured_together(self) -> bool:
+        return self.decides or self.together
+
 
 RATIOS = [
     Ratio("gateway ÷ aiohttp-min", "gateway", "aiohttp-min", 1.10),
+    # The performance issue's headline: the whole protected path with the audit log at most
+    # 1.25x the minimal aiohttp proxy (nginx and nginx + auth_request are shown beside it).
+    Ratio("session-sqlite ÷ aiohttp-min", "session-sqlite", "aiohttp-min", 1.25, show_added=True),
     Ratio("gateway-10k-routes ÷ gateway-10-routes", "gateway-10k-routes", "gateway-10-routes", 1.1),
     # The authorization issue's: the whole protected path (session, policy, identity headers,
     # assertion) at most 1.3x the public route. The µs it adds are shown too; the identity
@@ -962,6 +994,12 @@ RATIOS = [
         1.10,
         show_added=True,
     ),
+    # Where aiohttp's own cost is (bench/lean_proxy.py): its low-level server without the
+    # Application, then also without ClientSession. No target: they measure an alternative.
+    Ratio(
+        "server-min ÷ aiohttp-min (experiment)", "server-min", "aiohttp-min", None, together=True
+    ),
+    Ratio("lean-min ÷ aiohttp-min (experiment)", "lean-min", "aiohttp-min", None, together=True),
     Ratio("nginx ÷ aiohttp-min (reference)", "nginx", "aiohttp-min", None),
     Ratio("gateway ÷ nginx (reference)", "gateway", "nginx", None),
     Ratio("forward-auth ÷ nginx (reference)", "forward-auth", "nginx", None),
@@ -1054,7 +1092,7 @@ def measure_together(
     pairs: dict[tuple[str, str], str] = {}  # a pair already measured this round -> its label
     for ratio in RATIOS:
         numerator, denominator = by_name.get(ratio.numerator), by_name.get(ratio.denominator)
-        if not ratio.decides or numerator is None or denominator is None:
+        if not ratio.measured_together or numerator is None or denominator is None:
             continue
         pair = (ratio.numerator, ratio.denominator)
         if pair in pairs:  # two targets on one pair (µs added, and a ratio): one measurement
@@ -1076,7 +1114,7 @@ def measure_together(
 def run_rounds(env: Env, subjects: Sequence[Subject], rounds: int, seconds: float) -> Results:
     results = Results(rounds)
     results.apart = {s.name: [None] * rounds for s in subjects}
-    results.together = {r.label: [None] * rounds for r in RATIOS if r.decides}
+    results.together = {r.label: [None] * rounds for r in RATIOS if r.measured_together}
     for index in range(rounds):
         when = f"round {index + 1}/{rounds}"
         for name, m in measure_apart(env, subjects, seconds, when).items():
@@ -1285,6 +1323,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated subject names to run")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="only the subjects' rounds: none of the scripts run after them (lookup, writer, ...)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2.0, 1.0
@@ -1318,6 +1361,8 @@ def bench(env: Env, subjects: list[Subject], args: argparse.Namespace) -> Result
     start_subjects(env, subjects)
     warm_up(env, subjects, args.warmup)
     results = run_rounds(env, subjects, args.rounds, args.duration)
+    if args.table_only:
+        return results
     if any(s.name.startswith("session-") and not s.error for s in subjects):
         results.lookup = session_lookup(env)
         results.writer = audit_writer(env)
