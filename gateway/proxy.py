@@ -26,6 +26,14 @@ from gateway.addresses import Addresses
 from gateway.cookies import Cookies
 from gateway.errors import BadGateway, BadRequest, GatewayTimeout
 from gateway.paths import Target, segment_count, strip_segments
+from gateway.upstream import (
+    Origin,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTLSError,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -110,20 +118,27 @@ class Upstream:
     server_name: str | None
     timeout: aiohttp.ClientTimeout
     websocket: bool
+    origin: Origin
+    base_path: str  # the base URL's path, without a trailing slash ("" for none)
 
     def url(self, target: Target) -> URL:
+        # SECURITY: encoded=True: no URL library may re-normalize the path the policy saw.
+        return URL(self.base + self.target(target), encoded=True)
+
+    def target(self, target: Target) -> str:
+        """The request target sent upstream: base path, the (stripped) path, the query."""
         path = strip_segments(target.path, self.strip)
         query = "?" + target.query if target.query else ""
-        # SECURITY: encoded=True: no URL library may re-normalize the path the policy saw.
-        return URL(self.base + path + query, encoded=True)
+        return self.base_path + path + query
 
 
 def compile_upstream(
     route: RouteUpstream, base: str, tls: ssl.SSLContext | None, server_name: str | None
 ) -> Upstream:
+    base = base.rstrip("/")
     return Upstream(
         route_id=route.id,
-        base=base.rstrip("/"),
+        base=base,
         strip=segment_count(route.path) if route.strip_prefix else 0,
         ssl=tls,
         server_name=server_name,
@@ -131,6 +146,8 @@ def compile_upstream(
             total=None, sock_connect=route.timeout, sock_read=route.timeout
         ),
         websocket=route.websocket,
+        origin=Origin.of(base, tls, server_name, route.timeout, route.timeout),
+        base_path=URL(base).raw_path.rstrip("/"),
     )
 
 
@@ -165,7 +182,8 @@ class Proxy:
     def __init__(self, scheme: str, cookies: Cookies | None = None) -> None:
         self.scheme = scheme  # of our own listener: X-Forwarded-Proto
         self._cookies = cookies  # the gateway's own cookies, kept from upstreams
-        self._client: aiohttp.ClientSession | None = None
+        self._client: aiohttp.ClientSession | None = None  # WebSockets only
+        self._upstreams = UpstreamClient()
 
     async def start(self) -> None:
         self._client = aiohttp.ClientSession(
@@ -178,6 +196,7 @@ class Proxy:
         )
 
     async def close(self) -> None:
+        await self._upstreams.close()
         if self._client is not None:
             await self._client.close()
 
@@ -191,21 +210,16 @@ class Proxy:
         return await self._http(request, fwd)
 
     async def _http(self, request: web.BaseRequest, fwd: Forward) -> web.StreamResponse:
-        assert self._client is not None
         up = fwd.upstream
         try:
-            upstream = await self._client.request(
+            upstream = await self._upstreams.request(
+                up.origin,
                 request.method,
-                up.url(fwd.target),
-                headers=self._request_headers(request, fwd),
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                timeout=up.timeout,
-                ssl=up.ssl if up.ssl is not None else True,
-                server_hostname=up.server_name,
-                compress=None,
+                up.target(fwd.target),
+                self._request_headers(request, fwd),
+                request.content if request.body_exists else None,
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             raise _upstream_error(exc, fwd) from None
         try:
             return await self._relay(request, upstream, fwd)
@@ -213,7 +227,7 @@ class Proxy:
             upstream.release()
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, fwd: Forward
+        self, request: web.BaseRequest, upstream: UpstreamResponse, fwd: Forward
     ) -> web.StreamResponse:
         # A body of known length lets the headers ride with its first chunk: one write, not two.
         # Streams of unknown length (server-sent events, long polls) get their headers at once.
@@ -446,7 +460,7 @@ def _verdict(name: str) -> object:
 
 def _upstream_error(exc: BaseException, fwd: Forward) -> Exception:
     route, extra = fwd.upstream.route_id, {"request_id": fwd.request_id}
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, aiohttp.ClientSSLError | UpstreamTLSError):
         log.warning(
             "route %s: TLS to upstream %s failed: %s (an internal CA goes in upstream_tls.ca_file)",
             route,
@@ -458,7 +472,7 @@ def _upstream_error(exc: BaseException, fwd: Forward) -> Exception:
     if isinstance(exc, TimeoutError):
         log.warning("route %s: upstream %s timed out", route, fwd.upstream.base, extra=extra)
         return GatewayTimeout("the upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | UpstreamUnreachable):
         log.warning(
             "route %s: upstream %s unreachable: %s",
             route,
