@@ -45,8 +45,9 @@ PARTS = [
     ("policy", ("gateway/policy.py", "gateway/access.py")),
     ("identity headers + assertion", ("gateway/identity_headers.py", "gateway/assertion.py")),
     ("directory", ("gateway/directory.py",)),
-    ("forwarding (gateway)", ("gateway/proxy.py",)),
+    ("forwarding (gateway)", ("gateway/proxy.py", "gateway/upstream.py")),
     ("aiohttp client", ("aiohttp/client", "aiohttp/connector.py", "aiohttp/streams.py")),
+    # (aiohttp/http_writer.py is under "server": both sides write through it)
     ("aiohttp server", ("aiohttp/web_", "aiohttp/http_", "aiohttp/base_protocol.py")),
     ("gateway pipeline", ("gateway/",)),
     ("event loop", ("asyncio/", "uvloop/")),

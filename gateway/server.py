@@ -145,12 +145,19 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+GC_THRESHOLDS = (20_000, 50, 100)  # CPython's default: (700, 10, 10)
+
+
 async def serve(settings: Settings, worker: Worker | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or, as a worker, until the parent goes), then stop."""
     listening = await listen(settings, worker=worker or _ALONE)
     # The config (thousands of route objects) lives as long as the process: keep it out of every
     # full garbage collection, which would otherwise pause the loop in proportion to its size.
     gc.freeze()
+    # A request's objects die young, mostly by reference counting: a collection every 20,000
+    # allocations instead of every 700 scans far fewer of them (measured: 3 µs less CPU per
+    # protected request, bench/run.py) for at most a few MB of cyclic garbage waiting longer.
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
