@@ -1,11 +1,13 @@
 """Forwarding to upstreams (SPEC §4.6): headers, streaming bodies, WebSockets, timeouts.
 
-One shared `ClientSession` serves every route: a connection pool per upstream
-host, no cookie jar (a shared jar would replay one user's upstream cookies on
-another user's request), no redirects followed, no decompression. Bodies are
-streamed chunk by chunk both ways, so a 1 GiB transfer never sits in memory.
-The upstream URL is built already encoded, so the upstream receives exactly
-the canonical path that routing (and later policy) saw.
+Plain HTTP goes through `gateway.upstream.UpstreamClient`: a keep-alive pool per
+upstream origin on aiohttp's client protocol, with nothing shared between users but
+connections (no cookie jar: a shared jar would replay one user's upstream cookies on
+another user's request), no redirects followed, no decompression. WebSockets go
+through one `ClientSession` (`ws_connect`), likewise without a cookie jar. Bodies are
+streamed chunk by chunk both ways, so a 1 GiB transfer never sits in memory. The
+request target is built already encoded, so the upstream receives exactly the
+canonical path that routing (and later policy) saw.
 """
 
 from __future__ import annotations

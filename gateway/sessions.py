@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TypeVar
 
 import orjson
 
@@ -43,7 +45,8 @@ TOUCH_INTERVAL = 5.0  # seconds: activity is written at most this often per sess
 # (session-expired) instead of finding nothing; `check` enforces the lifetime itself.
 _EXPIRED_GRACE = 3600.0
 CHANNEL = "gateway:sessions"
-_CACHE_MAX = 100_000  # entries; past it the cache starts over (correct, only slower)
+_V = TypeVar("_V")
+CACHE_MAX = 100_000  # sessions cached per process; past it the oldest eighth is dropped
 _HMAC_LABEL = "session-id"
 _HANDLE_LABEL = "session-handle"
 _SEAL_LABEL = "session-record"
@@ -104,9 +107,15 @@ class SessionInvalid(Exception):
 
 class Sessions:
     def __init__(
-        self, store: SessionStore, keyring: Keyring, limits: Limits, clock: Clock = time.time
+        self,
+        store: SessionStore,
+        keyring: Keyring,
+        limits: Limits,
+        clock: Clock = time.time,
+        cache_max: int = CACHE_MAX,
     ) -> None:
         self._store = store
+        self._cache_max = cache_max
         self._keyring = keyring
         self._sealer = keyring.sealer(_SEAL_LABEL)
         self._id_keys = keyring.derive_all(_HMAC_LABEL)
@@ -261,11 +270,8 @@ class Sessions:
         for key in self.keys_for(cookie_id):
             session = self._cache.get(key) or await self._read(key)
             if session is not None:
-                if len(self._key_of) >= _CACHE_MAX:
-                    self._key_of.clear()
-                self._key_of[cookie_id] = (
-                    key  # SECURITY: only ids of real sessions: no growth by guessing
-                )
+                # SECURITY: only ids of real sessions are remembered: no growth by guessing.
+                self._remember(self._key_of, cookie_id, key)
                 return session
         for key in self.keys_for(cookie_id):
             tombstone = await self._store.get("revoked", key)
@@ -448,9 +454,7 @@ class Sessions:
     async def _save(self, session: Session) -> None:
         blob = self._sealer.seal("session", session.key, orjson.dumps(asdict(session)))
         await self._store.put("session", session.key, blob, self._ttl(session))
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[session.key] = session
+        self._remember(self._cache, session.key, session)
 
     async def _read(self, key: str) -> Session | None:
         generation = self._generation
@@ -468,8 +472,15 @@ class Sessions:
         if seen is not None:
             session = replace(session, last_active=max(session.last_active, float(seen)))
         if generation == self._generation:  # no invalidation raced this read: safe to cache
-            self._cache[key] = session
+            self._remember(self._cache, key, session)
         return session
+
+    def _remember(self, cache: dict[str, _V], key: str, value: _V) -> None:
+        """Bounded: when full, the oldest eighth goes (no cliff where every entry goes)."""
+        if key not in cache and len(cache) >= self._cache_max:
+            for old in list(itertools.islice(cache, max(self._cache_max // 8, 1))):
+                del cache[old]
+        cache[key] = value
 
 
 def _digest(text: str) -> str:

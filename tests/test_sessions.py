@@ -66,6 +66,7 @@ class SpyStore:
     def __init__(self, inner: SessionStore) -> None:
         self.inner = inner
         self.puts: list[tuple[str, str]] = []
+        self.reads: list[str] = []  # keys of the session records read
         self._hold: tuple[asyncio.Event, asyncio.Event] | None = None
 
     def hold_next_session_read(self) -> tuple[asyncio.Event, asyncio.Event]:
@@ -79,6 +80,8 @@ class SpyStore:
 
     async def get(self, kind: str, key: str) -> bytes | None:
         value = await self.inner.get(kind, key)
+        if kind == "session":
+            self.reads.append(key)
         if kind == "session" and self._hold is not None:
             (reached, release), self._hold = self._hold, None
             reached.set()
@@ -145,9 +148,11 @@ class Backend:
         store: SessionStore | None = None,
         keyring: Keyring | None = None,
         limits: Limits = LIMITS,
+        cache_max: int = 100_000,
     ) -> Sessions:
         """Started sessions with their own cache (a process of their own), once subscribed."""
-        sessions = Sessions(store or self.store, keyring or self.keyring, limits, self.clock)
+        store = store or self.store
+        sessions = Sessions(store, keyring or self.keyring, limits, self.clock, cache_max)
         await sessions.start()
         self.running.append(sessions)
         await wait_for(lambda: sessions.connected)
@@ -559,6 +564,25 @@ async def test_a_read_racing_an_end_does_not_cache_the_ended_session(backend: Ba
     release.set()
     await in_flight  # read before the end: it may still answer with the session
     assert await outcome(server, cookie) == "session-revoked"
+
+
+async def test_the_process_cache_is_bounded_and_keeps_the_newest(backend: Backend) -> None:
+    # 100,000 live sessions must not all sit in every process: past the bound the oldest go,
+    # a few at a time (no cliff where every request reads the store again), and stay valid.
+    maker = await backend.sessions()
+    cookies = [(await new_session(maker, f"user{i}"))[0] for i in range(20)]
+    spy = SpyStore(backend.store)
+    server = await backend.sessions(store=spy, cache_max=8)
+    for cookie in cookies:
+        assert await outcome(server, cookie) == "ok"
+    assert len(spy.reads) == 20
+    spy.reads.clear()
+    for cookie in cookies[-7:]:
+        assert await outcome(server, cookie) == "ok"
+    assert spy.reads == []  # the newest are served from memory
+    for cookie in cookies[:5]:
+        assert await outcome(server, cookie) == "ok"  # the oldest are read again, still valid
+    assert len(spy.reads) == 5
 
 
 # -- Redis: two processes ----------------------------------------------------------------------
