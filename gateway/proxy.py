@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -415,7 +416,10 @@ def _response_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         key = name.lower()
-        if key in HOP_BY_HOP or key in named:
+        relayable = _RELAYABLE.get(name)
+        if relayable is None:
+            relayable = _relayable(name)
+        if not relayable or key in named:
             continue
         # SECURITY: an upstream may not set (or overwrite) the gateway's own cookies.
         if key == "set-cookie" and cookies is not None and _cookie_name(value) in cookies.names:
@@ -423,6 +427,20 @@ def _response_headers(
         headers.add(name, value)
     headers["X-Request-Id"] = request_id
     return headers
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a field name
+_RELAYABLE: dict[str, bool] = {}  # upstream header name -> relayed to the client
+
+
+def _relayable(name: str) -> bool:
+    # SECURITY: aiohttp's response parser is lenient: `Content-Length : 5` (a space before
+    # the colon) is read, and relayed beside our own framing it would hand a CL.TE smuggle
+    # to a lenient hop in front of us (RFC 9112 5.1: a proxy must not pass it on as is).
+    relayable = name.lower() not in HOP_BY_HOP and _TOKEN.fullmatch(name) is not None
+    if len(_RELAYABLE) < 4096:  # header names are few; an upstream cannot grow this unbounded
+        _RELAYABLE[name] = relayable
+    return relayable
 
 
 def _cookie_name(set_cookie: str) -> str:

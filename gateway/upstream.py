@@ -104,6 +104,32 @@ class Origin:
         )
 
 
+class _Connection(ResponseHandler):
+    """aiohttp's client protocol, plus the two checks a shared pool needs."""
+
+    def clean(self) -> bool:
+        """Open, and nothing arrived beyond the last response: fit to carry another request."""
+        if not self.is_connected() or self.should_close:
+            return False
+        parser = self._parser  # the last response's parser (aiohttp's own attribute)
+        if parser is None:
+            return True
+        try:
+            # SECURITY: feed_eof() hands back a message the upstream began after the response
+            # ended (even a partial head); should_close sees only whole ones.
+            return parser.feed_eof() is None
+        except Exception:
+            return False
+
+    def fail(self, error: Exception) -> None:
+        """End the exchange with `error`, on the response's body too when it is being read."""
+        payload = self._payload  # abort() forgets it: a body read until EOF would look whole
+        self.set_exception(error)
+        if payload is not None:
+            payload.set_exception(error)
+        self.abort()
+
+
 _DEFAULT_TLS: list[ssl.SSLContext] = []
 
 
@@ -117,7 +143,16 @@ def _default_tls() -> ssl.SSLContext:
 class UpstreamResponse:
     """A response whose head is read; its body streams from `content`. Call `release()`."""
 
-    __slots__ = ("_conn", "_pool", "_sending", "content", "headers", "reason", "status")
+    __slots__ = (
+        "_conn",
+        "_pool",
+        "_released",
+        "_sending",
+        "content",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -126,11 +161,12 @@ class UpstreamResponse:
         headers: CIMultiDictProxy[str],
         content: StreamReader,
         pool: _Pool,
-        conn: ResponseHandler,
+        conn: _Connection,
         sending: asyncio.Task[None] | None,
     ) -> None:
         self.status, self.reason, self.headers, self.content = status, reason, headers, content
         self._pool, self._conn, self._sending = pool, conn, sending
+        self._released = False
 
     @property
     def content_length(self) -> int | None:
@@ -138,11 +174,15 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         conn, sending = self._conn, self._sending
         complete = self.content.is_eof() and (sending is None or sending.done())
         if sending is not None and not sending.done():
             sending.cancel()
-        if complete and self.status != 101 and not conn.should_close and conn.is_connected():
+        self._pool.in_use -= 1
+        if complete and conn.clean():
             self._pool.put(conn)
         else:
             conn.close()  # SECURITY: a connection with anything unread could desync the next
@@ -150,18 +190,19 @@ class UpstreamResponse:
 
 @dataclass(slots=True)
 class _Pool:
-    idle: deque[tuple[float, ResponseHandler]] = field(default_factory=deque)
+    idle: deque[tuple[float, _Connection]] = field(default_factory=deque)
+    in_use: int = 0  # connections out with a request: the sweeper keeps the pool for them
 
-    def take(self, now: float) -> ResponseHandler | None:
+    def take(self, now: float) -> _Connection | None:
         idle = self.idle
         while idle:
             released, conn = idle.pop()
-            if now - released < IDLE_TIMEOUT and conn.is_connected() and not conn.should_close:
+            if now - released < IDLE_TIMEOUT and conn.clean():
                 return conn
             conn.close()
         return None
 
-    def put(self, conn: ResponseHandler) -> None:
+    def put(self, conn: _Connection) -> None:
         if len(self.idle) >= MAX_IDLE:
             conn.close()
             return
@@ -207,30 +248,30 @@ class UpstreamClient:
         headers = _framed(method, headers, origin.authority, body)
         line = f"{method} {target} HTTP/1.1"
         for attempt in (0, 1):
-            conn = pool.take(time.monotonic())
+            conn = pool.take(time.monotonic()) if attempt == 0 else None  # a retry: a new one
             reused = conn is not None
             if conn is None:
                 conn = await _connect(origin)
+            pool.in_use += 1
             try:
                 return await self._exchange(pool, conn, origin, line, headers, body)
-            except TimeoutError as exc:
-                conn.close()
-                raise UpstreamTimeout("the upstream did not answer in time") from exc
-            except (ClientError, HttpProcessingError, OSError) as exc:
-                conn.close()
+            except BaseException as exc:
+                pool.in_use -= 1
+                conn.close()  # also when cancelled (the client went away): nothing may reuse it
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout("the upstream did not answer in time") from exc
+                if not isinstance(exc, ClientError | HttpProcessingError | OSError):
+                    raise
                 retry = body is None and method in _RETRIABLE and _closed_early(exc)
                 if attempt == 0 and reused and retry:
                     continue  # the upstream closed its idle end as we sent: a new connection
                 raise UpstreamError(f"the upstream failed to answer: {exc!r}") from exc
-            except BaseException:
-                conn.close()  # cancelled (the client went away): nothing may reuse it
-                raise
         raise AssertionError("unreachable")
 
     async def _exchange(
         self,
         pool: _Pool,
-        conn: ResponseHandler,
+        conn: _Connection,
         origin: Origin,
         line: str,
         headers: CIMultiDict[str],
@@ -256,12 +297,18 @@ class UpstreamClient:
             conn.start_timeout()
             writer.set_eof()
         else:
-            sending = asyncio.get_running_loop().create_task(_send_body(conn, writer, body))
+            sending = asyncio.get_running_loop().create_task(
+                _send_body(conn, writer, body, origin.read_timeout)
+            )
         try:
             while True:
                 message, payload = await conn.read()
-                if not 100 <= message.code <= 199 or message.code == 101:
+                if not 100 <= message.code <= 199:
                     break  # 1xx (100 Continue, 103 Early Hints) precede the answer
+                if message.code == 101:
+                    # SECURITY: this client never asks for an upgrade; relaying a 101 would
+                    # make the client's connection a tunnel past the gateway.
+                    raise UpstreamError("the upstream switched protocols unasked")
         except BaseException:
             if sending is not None:
                 sending.cancel()
@@ -279,7 +326,7 @@ class UpstreamClient:
         now = time.monotonic()
         for origin, pool in list(self._pools.items()):
             pool.sweep(now)
-            if not pool.idle:  # an origin a reload replaced leaves no pool behind
+            if not pool.idle and not pool.in_use:  # an origin a reload replaced goes with it
                 del self._pools[origin]
         self._sweeper = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._sweep)
 
@@ -303,12 +350,12 @@ def _framed(
     return framed
 
 
-async def _connect(origin: Origin) -> ResponseHandler:
+async def _connect(origin: Origin) -> _Connection:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(origin.connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: ResponseHandler(loop),
+                lambda: _Connection(loop),
                 origin.host,
                 origin.port,
                 ssl=origin.tls,
@@ -323,16 +370,22 @@ async def _connect(origin: Origin) -> ResponseHandler:
     return conn
 
 
-async def _send_body(conn: ResponseHandler, writer: StreamWriter, body: StreamReader) -> None:
-    """Stream the client's body upstream; a failure (the client went away) ends the exchange."""
+async def _send_body(
+    conn: _Connection, writer: StreamWriter, body: StreamReader, stall: float
+) -> None:
+    """Stream the client's body upstream; a failure (the client went away, or the upstream
+    takes nothing for `stall` seconds) ends the exchange, the response's body included."""
     try:
         async for chunk in body.iter_chunked(_CHUNK):
-            await writer.write(chunk)
-        await writer.write_eof()
+            async with asyncio.timeout(stall):  # waits only while the upstream is not reading
+                await writer.write(chunk)
+        async with asyncio.timeout(stall):
+            await writer.write_eof()
         conn.start_timeout()
     except asyncio.CancelledError:
         raise
+    except TimeoutError:
+        conn.fail(UpstreamTimeout("the upstream stopped reading the request body"))
     except Exception as exc:
         # SECURITY: a body cut short must never look complete upstream: the connection dies.
-        conn.set_exception(UpstreamError(f"the request body broke off: {exc!r}"))
-        conn.abort()
+        conn.fail(UpstreamError(f"the request body broke off: {exc!r}"))
