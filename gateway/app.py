@@ -39,6 +39,7 @@ from gateway.access import (
     admit,
     challenge,
     passes_preflight,
+    plugin_facts,
     refusal,
 )
 from gateway.audit.files import FileLayer
@@ -333,21 +334,7 @@ class Gateway:
 
     async def _plugin_check(self, a: Admission, route: Route, ask: Ask) -> Admission:
         """SPEC §9: a policy-check plugin can only deny (and denies when it fails)."""
-        caller = a.caller
-        facts = {
-            "route": route.id,
-            "method": ask.method,
-            "host": ask.host,
-            "path": ask.path,
-            "client_ip": ask.client_ip,
-            "user": caller.user,
-            "sub": caller.sub,
-            "email": caller.email,
-            "groups": list(caller.groups),
-            "client": caller.client,
-            "mfa": a.mfa,
-        }
-        deny = await self.plugins.check(facts)
+        deny = await self.plugins.check(plugin_facts(route.id, ask, a.caller, a.mfa))
         if deny is None:
             return a
         refused = Decision(False, deny.reason, None, a.decision.policy_hash)

@@ -39,7 +39,7 @@ import string
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.globs import GlobSet
 from gateway.paths import segment_count, strip_segments
@@ -61,8 +61,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
+class Facts(NamedTuple):  # per request: built 3x faster than a frozen dataclass
     """Everything a decision may depend on; gathered by the caller, the clock included."""
 
     user: str  # the user_claim value (for a bearer token: its sub)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -13,7 +12,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,10 @@ import orjson
 import pytest
 import trustme
 
+from gateway.access import Ask, plugin_facts
 from gateway.audit import record
+from gateway.caller import Caller
 from gateway.plugins import Deny, PluginError, Plugins, PluginStats, load_plugins
-from gateway.policy import Facts
 from gateway.settings import Plugin
 from plugins.redis_stream import RedisStream
 from plugins.syslog import Syslog
@@ -33,7 +32,6 @@ REDIS_URL = "redis://127.0.0.1:6379/9"  # this file's database; each test uses i
 
 PLUGIN_MODULE = """
 import asyncio
-from gateway.policy import Facts
 from gateway.plugins import Deny, Options
 
 
@@ -422,12 +420,12 @@ async def test_the_documented_example_plugin_works(tmp_path: Path, monkeypatch: 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "gw_docs_example", raising=False)
     plugins = load_plugins([entry("gw_docs_example:Blocklist", networks="203.0.113.0/24, ::1")])
-    facts = Facts(
-        user="alice", email=None, email_verified=False, groups=(), client=None, mfa=False,
-        auth_time=None, method="GET", path="/", source_ip=ip_address("203.0.113.9"), now=0.0,
-    )  # fmt: skip
+    # What the gateway's pipeline hands a check, built by the same function.
+    caller = Caller(user="alice", sub="alice", groups=("staff",), session=None)
+    ask = Ask("GET", "gw.test", "/", "203.0.113.9", "req-1")
+    facts = plugin_facts("app", ask, caller, False)
     assert await plugins.check(facts) == Deny("denied-by-plugin:blocklist:blocklisted-address")
-    other = dataclasses.replace(facts, source_ip=ip_address("192.0.2.1"))
+    other = plugin_facts("app", ask._replace(client_ip="192.0.2.1"), caller, False)
     assert await plugins.check(other) is None
     await plugins.start()
     plugins.on_access({"decision": "deny", "user": "alice"})

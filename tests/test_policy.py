@@ -3,7 +3,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import replace
 from typing import Any
 
 import hypothesis
@@ -53,7 +52,7 @@ def facts(**changes: Any) -> Facts:
     )
     if "source_ip" in changes and isinstance(changes["source_ip"], str):
         changes["source_ip"] = ipaddress.ip_address(changes["source_ip"])
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 def settings(routes: list[dict[str, Any]], verified: bool = True) -> Settings:

