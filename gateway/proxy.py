@@ -260,7 +260,9 @@ class Proxy:
 
     def _request_headers(self, request: web.BaseRequest, fwd: Forward) -> CIMultiDict[str]:
         named = _connection_tokens(request.headers)
-        headers: CIMultiDict[str] = CIMultiDict()
+        # Host first, as clients send it: the upstream's own authority (the client's is in
+        # X-Forwarded-Host).
+        headers: CIMultiDict[str] = CIMultiDict(Host=fwd.upstream.origin.authority)
         for name, value in request.headers.items():
             verdict = _VERDICTS.get(name)
             if verdict is None:

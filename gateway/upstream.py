@@ -240,12 +240,14 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send the request (`target`: the encoded path and query); its response's head.
 
-        `headers` must not hold Host or body framing (Transfer-Encoding); they are set here."""
+        `headers` is handed over: the body's framing is added to it (Content-Length: 0, or
+        Transfer-Encoding: chunked), and Host when it has none; it must hold no
+        Transfer-Encoding of its own."""
         pool = self._pools.get(origin)
         if pool is None:
             pool = self._pools[origin] = _Pool()
             self._sweep_later()
-        headers = _framed(method, headers, origin.authority, body)
+        _frame(method, headers, origin.authority, body)
         line = f"{method} {target} HTTP/1.1"
         for attempt in (0, 1):
             conn = pool.take(time.monotonic()) if attempt == 0 else None  # a retry: a new one
@@ -338,16 +340,15 @@ def _closed_early(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
-def _framed(
+def _frame(
     method: str, headers: CIMultiDict[str], authority: str, body: StreamReader | None
-) -> CIMultiDict[str]:
-    framed: CIMultiDict[str] = CIMultiDict(Host=authority)
-    framed.extend(headers)
+) -> None:
+    if "Host" not in headers:
+        headers["Host"] = authority
     if body is not None and "Content-Length" not in headers:
-        framed["Transfer-Encoding"] = "chunked"
+        headers["Transfer-Encoding"] = "chunked"
     elif body is None and method not in _BODYLESS and "Content-Length" not in headers:
-        framed["Content-Length"] = "0"
-    return framed
+        headers["Content-Length"] = "0"
 
 
 async def _connect(origin: Origin) -> _Connection:
