@@ -6,6 +6,11 @@ responses are parsed by aiohttp's own C parser (`aiohttp.http.HttpResponseParser
 the parser ClientSession uses, so nothing hand-written reads HTTP). It forwards GET and HEAD
 without a body only (a request with one gets 501): enough to measure what ClientSession's
 own work costs per request against bench/minimal_proxy.py, not a product.
+
+Measured (bench/run.py, 2 cores, same-core pairs): `server-min` 0.90x `aiohttp-min`, and
+`lean-min` 0.40x: of about 90 µs per request, ClientSession's machinery was about 43 µs.
+That is what led to gateway/upstream.py, which keeps this design and adds everything a
+product needs (bodies, TLS, timeouts, 1xx, retries, the pool's safety checks).
 """
 
 from __future__ import annotations
