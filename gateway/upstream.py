@@ -311,6 +311,11 @@ class UpstreamClient:
                     # SECURITY: this client never asks for an upgrade; relaying a 101 would
                     # make the client's connection a tunnel past the gateway.
                     raise UpstreamError("the upstream switched protocols unasked")
+            codings = message.headers.getall("Transfer-Encoding", ())
+            if codings and ",".join(codings).replace(" ", "").lower() != "chunked":
+                # A body still under a coding (`gzip, chunked`) would reach the client with
+                # nothing to say so once the chunks are undone: refused, not corrupted.
+                raise UpstreamError(f"a transfer-coding the gateway does not undo: {codings}")
         except BaseException:
             if sending is not None:
                 sending.cancel()

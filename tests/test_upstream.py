@@ -789,6 +789,9 @@ MALFORMED = {
     "not-http": b"SMTP 220 ready\r\n\r\n",
     "negative-length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello",
     "nul-in-header": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
+    # undoing the chunks would leave a gzip body with nothing saying so
+    "coded-transfer": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
 }
 
 
