@@ -58,6 +58,7 @@ __all__ = [
     "policy_hash",
     "reachable",
     "rule_id",
+    "who_facts",
 ]
 
 
@@ -234,14 +235,14 @@ def reachable(identity: Identity, policy: RoutePolicy) -> bool:
     """
     if policy.report:
         return True
-    facts = _who_facts(identity)
+    facts = who_facts(identity)
     if any(rule.every_request and rule.admits(facts) for rule in policy.deny):
         return False
     return any(rule.admits(facts) for rule in policy.allow)
 
 
-def _who_facts(identity: Identity) -> Facts:
-    """Facts for the checks on who the caller is; the request fields are never read."""
+def who_facts(identity: Identity) -> Facts:
+    """Facts for the checks on who the caller is (`CompiledRule.admits` reads no others)."""
     return Facts(
         user=identity.user,
         email=identity.email,

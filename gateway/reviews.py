@@ -32,7 +32,7 @@ from gateway.directory import Entry
 from gateway.errors import BadRequest
 from gateway.events import Event, emit
 from gateway.keyring import Keyring
-from gateway.policy import Facts, Identity, PolicySet, reachable
+from gateway.policy import Identity, PolicySet, reachable, who_facts
 from gateway.store.records import RecordStore
 
 KIND = "review"
@@ -88,7 +88,7 @@ def grants(entry: Entry, policies: PolicySet) -> tuple[Grant, ...]:
     may be one an unverified address could not reach. A review errs towards more access.
     """
     identity = Identity(entry.user, entry.email, True, entry.groups, None)
-    facts = _facts(identity)
+    facts = who_facts(identity)
     found = []
     for route_id in sorted(policies):
         policy = policies[route_id]
@@ -99,23 +99,6 @@ def grants(entry: Entry, policies: PolicySet) -> tuple[Grant, ...]:
         rules = tuple(rule.id for rule in admitting)
         found.append(Grant(route_id, rules, limited, policy.report))
     return tuple(found)
-
-
-def _facts(identity: Identity) -> Facts:
-    """Facts for the checks on who the caller is (`CompiledRule.admits` reads no others)."""
-    return Facts(
-        user=identity.user,
-        email=identity.email,
-        email_verified=identity.email_verified,
-        groups=identity.groups,
-        client=None,
-        mfa=True,
-        auth_time=None,
-        method="",
-        path="/",
-        source_ip=None,
-        now=0.0,
-    )
 
 
 @dataclass(frozen=True, slots=True)
