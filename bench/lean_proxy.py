@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections import deque
-from collections.abc import Mapping
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http import HttpResponseParser
 
-HOP = ("connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host")
-HOP_BY_HOP = frozenset((*HOP, "proxy-authenticate", "proxy-authorization"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from minimal_proxy import forwardable  # the floor's header filter, the same here
 
 
 class Upstream(asyncio.Protocol):
@@ -78,10 +80,6 @@ class Pool:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: Upstream(self), self.host, self.port)
         return conn
-
-
-def forwardable(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
 
 
 def make_handler(pool: Pool, authority: str):  # type: ignore[no-untyped-def]

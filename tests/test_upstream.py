@@ -876,12 +876,12 @@ async def test_cr_or_lf_in_the_request_head_is_refused_before_anything_is_sent(
     assert b"X-Injected" not in upstream.connections[-1].received
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_a_request_body_cut_short_never_looks_complete_upstream(
-    client: UpstreamClient, raw_upstream: StartRaw, framing: str
-) -> None:
-    got_start: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+def upload_reader() -> tuple[asyncio.Future[bytes], asyncio.Future[str], Handler]:
+    """An upstream whose first connection reads an upload to its end, if it has one: (the
+    first 10 bytes or chunk, how the read ended: "complete" or the error's name, handler)."""
+    loop = asyncio.get_running_loop()
+    got_start: asyncio.Future[bytes] = loop.create_future()
+    outcome: asyncio.Future[str] = loop.create_future()
 
     async def handle(conn: Conn) -> None:
         if conn.number > 1:
@@ -890,7 +890,7 @@ async def test_a_request_body_cut_short_never_looks_complete_upstream(
         seen = await conn.request(with_body=False)
         assert seen is not None
         try:
-            if framing == "content-length":
+            if "Content-Length" in seen.headers:
                 got_start.set_result(await conn.exactly(10))
                 await conn.exactly(int(seen.headers["Content-Length"]) - 10)
             else:
@@ -900,6 +900,14 @@ async def test_a_request_body_cut_short_never_looks_complete_upstream(
         except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
             outcome.set_result(type(exc).__name__)
 
+    return got_start, outcome, handle
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_request_body_cut_short_never_looks_complete_upstream(
+    client: UpstreamClient, raw_upstream: StartRaw, framing: str
+) -> None:
+    got_start, outcome, handle = upload_reader()
     upstream = await raw_upstream(handle)
     to = origin(upstream.url)
     headers = {"Content-Length": "1000"} if framing == "content-length" else {}
@@ -922,27 +930,7 @@ async def test_a_request_body_cut_short_never_looks_complete_upstream(
 async def test_a_client_upload_cut_short_through_the_gateway(
     start_gateway: StartGateway, raw_upstream: StartRaw, framing: str
 ) -> None:
-    got_start: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def handle(conn: Conn) -> None:
-        if conn.number > 1:
-            await serving(lambda seen: ok("next"))(conn)
-            return
-        seen = await conn.request(with_body=False)
-        assert seen is not None
-        try:
-            if "Content-Length" in seen.headers:
-                await conn.exactly(10)
-                got_start.set_result(None)
-                await conn.exactly(int(seen.headers["Content-Length"]) - 10)
-            else:
-                await conn.chunked(on_chunk=lambda _: got_start.set_result(None))
-            outcome.set_result("complete")
-            await conn.send(ok("stored"))
-        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
-            outcome.set_result(type(exc).__name__)
-
+    got_start, outcome, handle = upload_reader()
     upstream = await raw_upstream(handle)
     gw = await start_gateway(gateway_config([route(upstream.url)]))
     head = b"POST /upload HTTP/1.1\r\nHost: gw.test\r\n"
