@@ -119,7 +119,6 @@ class Upstream:
     strip: int  # leading path segments removed (strip_prefix)
     ssl: ssl.SSLContext | None  # None for http://
     server_name: str | None
-    timeout: aiohttp.ClientTimeout
     websocket: bool
     origin: Origin
     base_path: str  # the base URL's path, without a trailing slash ("" for none)
@@ -145,9 +144,6 @@ def compile_upstream(
         strip=segment_count(route.path) if route.strip_prefix else 0,
         ssl=tls,
         server_name=server_name,
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=route.timeout, sock_read=route.timeout
-        ),
         websocket=route.websocket,
         origin=Origin.of(base, tls, server_name, route.timeout, route.timeout),
         base_path=URL(base).raw_path.rstrip("/"),
@@ -301,17 +297,18 @@ class Proxy:
             p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
         ]
         try:
-            upstream = await self._client.ws_connect(
-                up.url(fwd.target),
-                headers=headers,
-                protocols=[p for p in protocols if p],
-                autoclose=False,
-                autoping=False,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-                ssl=up.ssl if up.ssl is not None else True,
-                server_hostname=up.server_name,
-                max_msg_size=0,
-            )
+            async with asyncio.timeout(up.origin.read_timeout):  # the route's, for the handshake
+                upstream = await self._client.ws_connect(
+                    up.url(fwd.target),
+                    headers=headers,
+                    protocols=[p for p in protocols if p],
+                    autoclose=False,
+                    autoping=False,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                    ssl=up.ssl if up.ssl is not None else True,
+                    server_hostname=up.server_name,
+                    max_msg_size=0,
+                )
         except aiohttp.WSServerHandshakeError as exc:
             raise BadGateway(
                 f"the upstream refused the WebSocket handshake ({exc.status})",

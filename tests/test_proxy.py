@@ -274,6 +274,32 @@ async def test_upstream_refused_is_502_and_timeout_is_504(start_gateway: StartGa
     await slow.runner.cleanup()
 
 
+async def test_a_websocket_upstream_that_never_answers_the_handshake_is_504(
+    start_gateway: StartGateway,
+) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hang)
+    slow = await start_server(app)
+    gw = await start_gateway(
+        gateway_config([public(slow.url, "/ws", websocket=True, timeout="300ms")])
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(gw.url + "/ws/x", headers=HOST)
+    assert refused.value.status == 504
+    assert loop.time() - started < 5
+    never.set()
+    await slow.runner.cleanup()
+
+
 async def test_strip_prefix(start_gateway: StartGateway, echo_upstream: Server) -> None:
     gw = await start_gateway(gateway_config([public(echo_upstream.url, "/app", strip_prefix=True)]))
     for sent, expected in (("/app/x/y?z=1", "/x/y?z=1"), ("/app", "/"), ("/app/", "/")):
